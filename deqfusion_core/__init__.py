@@ -1,0 +1,18 @@
+"""deqfusion_core: Deep Equilibrium multimodal fusion (torch only).
+
+    from deqfusion_core import DEQFusion
+    fusion = DEQFusion(input_dims=[1000, 1000, 503], dim=500)
+    fused, jac_loss, stats = fusion([x1, x2, x3])
+"""
+from .hookspecs import hookimpl
+from .plugins import Integration, Upstream, UpstreamNotFound, prepend_sys_path, run_path_as_main
+
+__version__ = "0.1.0"
+
+__all__ = ["hookimpl", "Integration", "Upstream", "UpstreamNotFound", "prepend_sys_path", "run_path_as_main"]
+
+
+def __getattr__(name):  # the torch-heavy parts load on first use
+    from . import _lazy
+
+    return _lazy.get(name)
