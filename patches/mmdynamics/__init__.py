@@ -1,0 +1,1 @@
+"""deqfusion integration package."""
