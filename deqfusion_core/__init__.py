@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 __all__ = ["hookimpl", "Integration", "Upstream", "UpstreamNotFound", "prepend_sys_path", "run_path_as_main"]
 
 
-def __getattr__(name):  # the torch-heavy parts load on first use
-    from . import _lazy
+def __getattr__(name):  # the torch-heavy parts load on first use, so the CLI and plugin discovery stay light
+    import importlib
 
-    return _lazy.get(name)
+    return importlib.import_module("deqfusion_core._lazy").get(name)

@@ -1,0 +1,49 @@
+"""The Jacobian regulariser (Hutchinson estimate of ||df/dz||_F^2) and a way to put any auxiliary
+loss into an unmodified ``loss.backward()``."""
+from __future__ import annotations
+
+import torch
+
+
+def jacobian_loss(fz: torch.Tensor, z: torch.Tensor, samples: int = 1, create_graph: bool = True) -> torch.Tensor:
+    """Hutchinson estimate of ||J||_F^2 / numel(z) with J = d fz / d z, from ``samples`` Gaussian probes.
+
+    ``fz`` must have been computed from ``z`` (which requires grad). E[||v^T J||^2] = ||J||_F^2 for
+    v ~ N(0, I); dividing by the number of elements makes the term independent of batch and width.
+    """
+    if samples < 1:
+        raise ValueError(f"samples: must be >= 1, got {samples}")
+    total = fz.new_zeros(())
+    for i in range(samples):
+        v = torch.randn_like(fz)
+        (vj,) = torch.autograd.grad(fz, z, v, retain_graph=True, create_graph=create_graph)
+        total = total + vj.float().pow(2).sum()
+    return total / (samples * z.numel())
+
+
+class _AttachAux(torch.autograd.Function):
+    """Identity on ``x``; its backward also back-propagates ``weight * aux`` (a scalar)."""
+
+    @staticmethod
+    def forward(ctx, x, aux, weight):
+        ctx.weight = weight
+        ctx.aux_shape = aux.shape
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_full(ctx.aux_shape, ctx.weight), None
+
+
+def attach_aux_loss(x: torch.Tensor, aux: torch.Tensor, weight: float) -> torch.Tensor:
+    """Return ``x`` unchanged, such that any loss computed from it back-propagates ``weight * aux`` too.
+
+    This is how the Jacobian term reaches a training loop that cannot be edited: ``loss.backward()``
+    gives the same parameter gradients as ``(loss + weight * aux).backward()``, once per backward of
+    ``x`` (the term is counted once however many heads use ``x``).
+    """
+    if aux.numel() != 1:
+        raise ValueError(f"aux: expected a scalar loss term, got shape {tuple(aux.shape)}")
+    if weight == 0 or not aux.requires_grad:
+        return x
+    return _AttachAux.apply(x, aux, float(weight))

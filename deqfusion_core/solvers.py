@@ -1,0 +1,220 @@
+"""Root solvers for z = f(z), batched per sample.
+
+Every solver has the signature ``solver(f, z0, *, max_iter, tol, stop, **options) -> SolveResult`` where
+``f(z_rows, rows)`` evaluates the fixed-point map on the rows ``rows`` of the batch (``None``: all rows)
+and ``z0`` is ``[B, L]``. Per-sample behaviour:
+
+- each sample stops when its residual reaches ``tol`` (``stop="rel"``: ||f(z)-z|| / ||f(z)||;
+  ``"abs"``: ||f(z)-z||); a stopped sample no longer changes and is no longer evaluated
+  (the solver's working set is compacted to the samples still running);
+- the returned iterate of each sample is the one with the lowest residual seen;
+- the only host synchronisation per step is the one the stopping test needs, and it also
+  detects non-finite residuals (:class:`DEQConvergenceError`).
+
+Solvers are registered by name (``register_solver``) in the timm way; ``get_solver(name)``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .stats import DEQConvergenceError, SolveResult
+
+FixedPointMap = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+SOLVERS: dict[str, Callable[..., SolveResult]] = {}
+
+
+def register_solver(name: str):
+    def deco(fn):
+        SOLVERS[name] = fn
+        return fn
+    return deco
+
+
+def get_solver(name: str):
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise ValueError(f"solver: unknown solver {name!r}; known: {', '.join(sorted(SOLVERS))}") from None
+
+
+def solve(f: FixedPointMap, z0: torch.Tensor, solver: str = "anderson", **kwargs) -> SolveResult:
+    return get_solver(solver)(f, z0, **kwargs)
+
+
+class _Tracker:
+    """Residuals, per-sample stopping, best iterates and the trace, shared by all solvers."""
+
+    def __init__(self, z0: torch.Tensor, tol: float, stop: str, max_iter: int, eps: float = 1e-8):
+        if stop not in ("rel", "abs"):
+            raise ValueError(f"stop: expected 'rel' or 'abs', got {stop!r}")
+        if max_iter < 1:
+            raise ValueError(f"max_iter: must be >= 1, got {max_iter}")
+        B = z0.shape[0]
+        self.tol, self.stop, self.max_iter, self.eps = tol, stop, max_iter, eps
+        self.best = z0.clone()
+        inf = torch.full((B,), float("inf"), dtype=z0.dtype, device=z0.device)
+        self.best_abs, self.best_rel = inf.clone(), inf.clone()
+        self.rows: torch.Tensor | None = None  # global indices of the working set; None: all rows
+        self.trace: list[torch.Tensor] = []
+        self.nstep = 0
+        self.done = False
+
+    def update(self, x: torch.Tensor, fx: torch.Tensor) -> torch.Tensor | None:
+        """Record step ``x -> fx`` for the working set. Returns a boolean mask over the working set
+        of the samples that keep running when some stopped (caller compacts), else None."""
+        self.nstep += 1
+        rows = self.rows
+        g = fx - x
+        abs_res = g.norm(dim=1)
+        rel_res = abs_res / (fx.norm(dim=1) + self.eps)
+        res = rel_res if self.stop == "rel" else abs_res
+        best_res = self.best_rel if self.stop == "rel" else self.best_abs
+        prev = best_res if rows is None else best_res[rows]
+        better = res < prev
+        if rows is None:  # torch.where keeps this free of host syncs
+            self.best = torch.where(better[:, None], x, self.best)
+            self.best_abs = torch.where(better, abs_res, self.best_abs)
+            self.best_rel = torch.where(better, rel_res, self.best_rel)
+        else:
+            self.best[rows] = torch.where(better[:, None], x, self.best[rows])
+            self.best_abs[rows] = torch.where(better, abs_res, self.best_abs[rows])
+            self.best_rel[rows] = torch.where(better, rel_res, self.best_rel[rows])
+        self.trace.append(self.best_rel.max())
+        keep = ~(res <= self.tol)  # NaN never counts as converged
+        n_keep, n_bad = torch.stack([keep.sum(), (~torch.isfinite(res)).sum()]).tolist()  # the one sync
+        if n_bad:
+            where = "the inputs or parameters contain NaN/Inf" if self.nstep == 1 else "the solver diverged"
+            raise DEQConvergenceError(
+                f"non-finite residual in {int(n_bad)} sample(s) at solver step {self.nstep}: {where}")
+        if n_keep == 0 or self.nstep >= self.max_iter:
+            self.done = True
+            return None
+        if n_keep == keep.numel():
+            return None
+        full = torch.arange(keep.numel(), device=keep.device) if rows is None else rows
+        self.rows = full[keep]
+        return keep
+
+    def result(self, gates=None) -> SolveResult:
+        res = self.best_rel if self.stop == "rel" else self.best_abs
+        converged = bool((res <= self.tol).all())
+        return SolveResult(self.best, self.nstep, self.best_abs, self.best_rel, self.trace, converged, gates or [])
+
+
+@register_solver("fixed_point")
+def fixed_point(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3,
+                stop: str = "rel", damping: float = 1.0) -> SolveResult:
+    """Plain (optionally damped) fixed-point iteration z <- (1 - damping) z + damping f(z)."""
+    t = _Tracker(z0, tol, stop, max_iter)
+    x = z0
+    while True:
+        fx = f(x, t.rows)
+        keep = t.update(x, fx)
+        if t.done:
+            return t.result()
+        x = fx if damping == 1.0 else torch.lerp(x, fx, damping)
+        if keep is not None:
+            x = x[keep]
+
+
+@register_solver("anderson")
+def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3, stop: str = "rel",
+             m: int = 5, lam: float = 1e-4, beta: float = 1.0) -> SolveResult:
+    """Anderson acceleration (type II) with history ``m``, Tikhonov regularisation ``lam`` (relative to the
+    mean squared residual in the history) and mixing ``beta``.
+
+    Each sample's mixing coefficients come from its own ``(m+1) x (m+1)`` bordered least-squares system.
+    """
+    if m < 1:
+        raise ValueError(f"m: Anderson history must be >= 1, got {m}")
+    t = _Tracker(z0, tol, stop, max_iter)
+    B, L = z0.shape
+    X = z0.new_zeros(B, m, L)
+    F = z0.new_zeros(B, m, L)
+    x = z0
+    k = 0
+    while True:
+        fx = f(x, t.rows)
+        X[:, k % m], F[:, k % m] = x, fx
+        keep = t.update(x, fx)
+        if t.done:
+            return t.result()
+        if keep is not None:
+            X, F = X[keep], F[keep]
+        k += 1
+        n = min(k, m)
+        if n == 1:
+            x = F[:, 0] if beta == 1.0 else torch.lerp(X[:, 0], F[:, 0], beta)
+            continue
+        G = F[:, :n] - X[:, :n]                                   # residual history [b, n, L]
+        H = G.new_zeros(G.shape[0], n + 1, n + 1)
+        H[:, 0, 1:] = H[:, 1:, 0] = 1
+        GG = torch.bmm(G, G.transpose(1, 2))
+        # Regularise relative to the residuals' scale, so the mixing stays sharp as they shrink.
+        ridge = lam * GG.diagonal(dim1=1, dim2=2).mean(1, keepdim=True) + torch.finfo(GG.dtype).tiny
+        H[:, 1:, 1:] = GG
+        H[:, 1:, 1:].diagonal(dim1=1, dim2=2).add_(ridge)
+        y = G.new_zeros(G.shape[0], n + 1, 1)
+        y[:, 0] = 1
+        alpha = torch.linalg.solve(H, y)[:, 1:]                   # [b, n, 1], sums to 1
+        x = torch.bmm(alpha.transpose(1, 2), F[:, :n])[:, 0]
+        if beta != 1.0:
+            x = torch.lerp(torch.bmm(alpha.transpose(1, 2), X[:, :n])[:, 0], x, beta)
+
+
+@register_solver("broyden")
+def broyden(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3, stop: str = "rel",
+            memory: int = 16) -> SolveResult:
+    """Good Broyden's method on g(z) = f(z) - z, batched per sample, without line search.
+
+    The inverse-Jacobian estimate -I + U V^T keeps at most ``memory`` rank-one updates and restarts
+    from -I when full, so memory does not grow with the number of steps.
+    """
+    if memory < 1:
+        raise ValueError(f"memory: must be >= 1, got {memory}")
+    t = _Tracker(z0, tol, stop, max_iter)
+    B, L = z0.shape
+    Us = z0.new_zeros(B, L, memory)
+    VTs = z0.new_zeros(B, memory, L)
+    n = 0
+
+    def matvec(v):   # (-I + U V^T) v
+        if n == 0:
+            return -v
+        return -v + torch.bmm(Us[:, :, :n], torch.bmm(VTs[:, :n], v[:, :, None]))[:, :, 0]
+
+    def rmatvec(v):  # v^T (-I + U V^T)
+        if n == 0:
+            return -v
+        return -v + torch.bmm(torch.bmm(v[:, None], Us[:, :, :n]), VTs[:, :n])[:, 0]
+
+    x = z0
+    fx = f(x, t.rows)
+    gx = fx - x
+    keep = t.update(x, fx)
+    if t.done:
+        return t.result()
+    if keep is not None:
+        x, gx, Us, VTs = x[keep], gx[keep], Us[keep], VTs[keep]
+    update = gx
+    while True:
+        x_new = x + update
+        fx = f(x_new, t.rows)
+        g_new = fx - x_new
+        keep = t.update(x_new, fx)
+        if t.done:
+            return t.result()
+        dx, dg = x_new - x, g_new - gx
+        x, gx = x_new, g_new
+        if n == memory:
+            n = 0
+        vT = rmatvec(dx)
+        denom = (vT * dg).sum(1, keepdim=True)
+        u = (dx - matvec(dg)) / torch.where(denom.abs() > 1e-12, denom, torch.ones_like(denom))
+        Us[:, :, n], VTs[:, n] = u, vT
+        n += 1
+        if keep is not None:
+            x, gx, Us, VTs = x[keep], gx[keep], Us[keep], VTs[keep]
+        update = -matvec(gx)

@@ -1,0 +1,95 @@
+"""Solver statistics and the error raised when the fixed-point iteration produces non-finite values."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class DEQConvergenceError(FloatingPointError):
+    """The residual became NaN or Inf: non-finite inputs or parameters, or a diverging solver.
+
+    Non-convergence within the iteration cap is NOT an error: the best iterate is returned and
+    :attr:`SolverStats.converged` is False.
+    """
+
+
+@dataclass
+class SolveResult:
+    """What a root solver returns: the best iterate per sample and how it got there."""
+
+    z: torch.Tensor                 # [B, L] best iterate per sample (lowest residual seen)
+    nstep: int                      # function evaluations (= solver steps) run
+    abs_residuals: torch.Tensor     # [B] ||f(z) - z|| per sample at the returned iterate
+    rel_residuals: torch.Tensor     # [B] ||f(z) - z|| / ||f(z)|| per sample at the returned iterate
+    trace: list[torch.Tensor]       # per step: max over the batch of the (best so far) relative residual
+    converged: bool                 # every sample reached the tolerance
+    gates: list[torch.Tensor] = field(default_factory=list)  # per step [N] mean gate per modality
+
+
+@dataclass
+class SolverStats:
+    """Statistics of one DEQFusion forward (and, once backward ran, of its backward solve).
+
+    Floats are computed lazily from device tensors, so reading them is the only host sync.
+    """
+
+    solver: str
+    nstep: int
+    max_iter: int
+    tol: float
+    stop: str
+    converged: bool
+    abs_residuals: torch.Tensor
+    rel_residuals: torch.Tensor
+    trace_tensor: torch.Tensor | None = None
+    gates: torch.Tensor | None = None       # [steps, N] mean gate value per modality and step
+    state: torch.Tensor | None = None       # detached solved state [B, (N+1)*dim]: pass as z0 to warm start
+    backward: "SolverStats | None" = None   # filled in by the implicit backward
+    backward_state: torch.Tensor | None = None  # detached backward solution: warm start of the next backward
+
+    @classmethod
+    def from_result(cls, res: SolveResult, solver: str, max_iter: int, tol: float, stop: str) -> "SolverStats":
+        return cls(solver=solver, nstep=res.nstep, max_iter=max_iter, tol=tol, stop=stop,
+                   converged=res.converged, abs_residuals=res.abs_residuals.detach(),
+                   rel_residuals=res.rel_residuals.detach(),
+                   trace_tensor=torch.stack(res.trace).detach() if res.trace else None,
+                   gates=torch.stack(res.gates).detach() if res.gates else None)
+
+    @property
+    def rel_residual(self) -> float:
+        """Largest relative residual over the batch."""
+        return float(self.rel_residuals.max()) if self.rel_residuals.numel() else 0.0
+
+    @property
+    def rel_residual_median(self) -> float:
+        return float(self.rel_residuals.median()) if self.rel_residuals.numel() else 0.0
+
+    @property
+    def abs_residual(self) -> float:
+        """Largest absolute residual over the batch."""
+        return float(self.abs_residuals.max()) if self.abs_residuals.numel() else 0.0
+
+    @property
+    def trace(self) -> list[float]:
+        """Per solver step, the largest relative residual over the batch (the paper's Fig. 4)."""
+        return [] if self.trace_tensor is None else self.trace_tensor.float().cpu().tolist()
+
+    def as_dict(self, prefix: str = "") -> dict[str, Any]:
+        d: dict[str, Any] = {
+            f"{prefix}nstep": self.nstep, f"{prefix}rel_residual": self.rel_residual,
+            f"{prefix}rel_residual_median": self.rel_residual_median,
+            f"{prefix}abs_residual": self.abs_residual, f"{prefix}converged": self.converged,
+        }
+        if self.backward is not None:
+            d.update(self.backward.as_dict(prefix=prefix + "backward_"))
+        return d
+
+    def __str__(self) -> str:
+        s = (f"{self.solver}: {self.nstep}/{self.max_iter} steps, rel residual max {self.rel_residual:.2e} "
+             f"median {self.rel_residual_median:.2e}, {'converged' if self.converged else 'NOT converged'} "
+             f"(tol {self.tol:g} {self.stop})")
+        if self.backward is not None:
+            s += f"; backward {self.backward}"
+        return s

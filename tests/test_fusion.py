@@ -1,0 +1,270 @@
+"""DEQFusion: fixed points, implicit gradients, ablations, Jacobian term, warm starts, round trips."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import inputs, make_contractive
+from deqfusion_core import DEQFusion
+
+DIMS = [6, 8, 5]
+
+
+def model(dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    opts = dict(dim=8, num_groups=2, f_max_iter=300, f_tol=1e-13, b_max_iter=300, b_tol=1e-13, jac_samples=0)
+    opts.update(kw)
+    return make_contractive(DEQFusion(DIMS, **opts)).to(dtype)
+
+
+def grads(m, xs, loss_fn=lambda fused: (fused.sin() * torch.arange(fused.shape[1])).sum()):
+    m.zero_grad()
+    for x in xs:
+        x.grad = None
+    out = m(xs)
+    loss_fn(out.fused).backward()
+    return out, [p.grad.clone() for p in m.parameters()] + [x.grad.clone() for x in xs]
+
+
+def rel_err(a, b):
+    a, b = torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b])
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_output_is_a_fixed_point():
+    m = model(torch.float32, f_tol=1e-5, f_max_iter=100)
+    xs = inputs(DIMS, batch=5)
+    out = m(xs)
+    assert out.fused.shape == (5, 8)
+    assert out.stats.converged and out.stats.nstep < 100
+    z = out.stats.state
+    inj = m.layer  # recompute f(z*) independently of the solver
+    x_proj = [p(x) for p, x in zip(m.proj, xs)]
+    x_fuse = sum(w * x for w, x in zip(m.weights, x_proj)) + m.bias
+    from deqfusion_core.module import _Injection
+    fz = inj(z, _Injection(x_proj, x_fuse, None, None))
+    rel = ((fz - z).norm(dim=1) / fz.norm(dim=1)).max().item()
+    assert rel <= 1e-5
+    torch.testing.assert_close(out.fused, z.view(5, 4, 8)[:, -1])
+
+
+def test_implicit_gradient_matches_unrolled_autograd_float64():
+    m = model()
+    xs = inputs(DIMS, dtype=torch.float64, requires_grad=True)
+    out, g_implicit = grads(m, xs)
+    assert out.stats.converged and out.stats.backward.converged
+    m.backward = "unrolled"
+    _, g_unrolled = grads(m, xs)
+    assert rel_err(g_implicit, g_unrolled) <= 1e-5
+
+
+def test_implicit_gradient_matches_finite_differences():
+    m = model()
+    m.train()
+    xs = inputs([6, 8, 5], batch=2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: m([a, b, c]).fused, tuple(xs), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["phantom", "onestep"])
+def test_cheap_gradients_point_the_same_way(mode):
+    m = model()
+    xs = inputs(DIMS, dtype=torch.float64, requires_grad=True)
+    _, g_implicit = grads(m, xs)
+    m.backward = mode
+    m.phantom_steps = 10
+    _, g_cheap = grads(m, xs)
+    a, b = torch.cat([t.flatten() for t in g_cheap]), torch.cat([t.flatten() for t in g_implicit])
+    assert F.cosine_similarity(a, b, dim=0) > 0.9
+    assert rel_err(g_cheap, g_implicit) > 1e-8  # really a different gradient
+
+
+def test_no_hooks_or_graph_left_behind():
+    m = model(torch.float32, f_tol=1e-4, f_max_iter=50, b_tol=1e-4, b_max_iter=50)
+    xs = inputs(DIMS, requires_grad=True)
+    out = m(xs)
+    out.fused.sum().backward()
+    assert out.stats.backward is not None and out.stats.backward.nstep >= 1
+    assert all(not mod._backward_hooks and not mod._forward_hooks for mod in m.modules())
+
+
+def test_ablation_weighted_sum_baseline():
+    m = model(torch.float32, equilibrium=False, num_layers=0)
+    xs = inputs(DIMS)
+    x_proj = [p(x) for p, x in zip(m.proj, xs)]
+    torch.testing.assert_close(m(xs).fused, sum(w * x for w, x in zip(m.weights, x_proj)) + m.bias)
+
+
+def test_ablation_no_equilibrium_no_blocks_is_weighted_sum_plus_one_fuse_step():
+    m = model(torch.float32, equilibrium=False, num_layers=1, modality_blocks=False)
+    xs = inputs(DIMS)
+    x_proj = [p(x) for p, x in zip(m.proj, xs)]
+    x_fuse = sum(w * x for w, x in zip(m.weights, x_proj)) + m.bias
+    # from z = 0 the purified features are zero, so one step of f_fuse is GN(ReLU(b_fuse + x_fuse))
+    expected = m.fusion.gn(F.relu(m.fusion.fuse.bias + x_fuse))
+    torch.testing.assert_close(m(xs).fused, expected)
+
+
+def test_ablation_no_blocks_no_fuse_is_the_plain_sum():
+    m = model(torch.float32, modality_blocks=False, fuse_block=False, f_tol=1e-6)
+    xs = inputs(DIMS)
+    out = m(xs)
+    torch.testing.assert_close(out.fused, sum(p(x) for p, x in zip(m.proj, xs)))
+    assert out.stats.converged
+
+
+def test_ablation_no_gating_sums_modality_states():
+    m = model(torch.float32, gating=False, f_tol=1e-6, f_max_iter=200)
+    xs = inputs(DIMS)
+    out = m(xs)
+    z = out.stats.state.view(4, 4, 8)
+    x_proj = [p(x) for p, x in zip(m.proj, xs)]
+    x_fuse = sum(w * x for w, x in zip(m.weights, x_proj)) + m.bias
+    expected = m.fusion.gn(F.relu(m.fusion.fuse(z[:, :3].sum(1)) + x_fuse))
+    torch.testing.assert_close(out.fused, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_gate_shortcut_equals_per_modality_gates():
+    m = model(torch.float32)
+    g = torch.Generator().manual_seed(3)
+    z_fuse, zs, x_fuse = torch.randn(4, 8, generator=g), [torch.randn(4, 8, generator=g) for _ in range(3)], torch.randn(4, 8, generator=g)
+    fb = m.fusion
+    explicit = fb.gn(F.relu(fb.fuse(sum(fb.gate(z_fuse + z) * z_fuse for z in zs)) + x_fuse))
+    torch.testing.assert_close(fb(z_fuse, zs, x_fuse), explicit)
+
+
+def test_gate_tracking_records_per_modality_means():
+    m = model(torch.float32, track_gates=True, f_tol=1e-4, f_max_iter=40)
+    out = m(inputs(DIMS))
+    assert out.stats.gates.shape == (out.stats.nstep, 3)
+    fb, z = m.fusion, out.stats.state.view(4, 4, 8)
+    assert torch.isfinite(out.stats.gates).all()
+
+
+def test_attached_jacobian_term_equals_adding_it_by_hand():
+    a = model(torch.float64, jac_samples=2, jac_weight=0.7)
+    b = copy.deepcopy(a)
+    b.jac_weight = 0.0
+    xs = inputs(DIMS, dtype=torch.float64)
+    a.train(), b.train()
+    torch.manual_seed(5)
+    out_a = a(xs)
+    (out_a.fused ** 2).sum().backward()
+    torch.manual_seed(5)
+    out_b = b(xs)
+    ((out_b.fused ** 2).sum() + 0.7 * out_b.jac_loss).backward()
+    assert out_a.jac_loss.item() > 0
+    torch.testing.assert_close(out_a.jac_loss, out_b.jac_loss)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad)
+    # and the term really changes the gradients
+    c = copy.deepcopy(b)
+    c.zero_grad()
+    torch.manual_seed(5)
+    (c(xs).fused ** 2).sum().backward()
+    assert any(not torch.allclose(pa.grad, pc.grad) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
+def test_jacobian_term_zero_in_eval_and_when_disabled():
+    m = model(torch.float32, jac_samples=1, f_tol=1e-4, f_max_iter=50)
+    xs = inputs(DIMS)
+    assert m.train()(xs).jac_loss.item() > 0
+    assert m.eval()(xs).jac_loss.item() == 0
+    m.train().jac_samples = 0
+    assert m(xs).jac_loss.item() == 0
+
+
+def test_hutchinson_estimates_frobenius_norm():
+    from deqfusion_core import jacobian_loss
+
+    torch.manual_seed(0)
+    A = torch.randn(5, 5, dtype=torch.float64)
+    z = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    est = jacobian_loss(z @ A.T, z, samples=4000, create_graph=False)
+    exact = 3 * A.pow(2).sum() / z.numel()
+    assert abs(est.item() - exact.item()) / exact.item() < 0.05
+
+
+def test_warm_start_takes_fewer_steps_and_same_answer():
+    m = model(torch.float32, f_tol=1e-5, f_max_iter=100, b_tol=1e-5, b_max_iter=100)
+    xs = inputs(DIMS, requires_grad=True)
+    cold = m(xs)
+    cold.fused.sum().backward()
+    warm = m(xs, warm_start=cold.stats)
+    warm.fused.sum().backward()
+    assert warm.stats.nstep < cold.stats.nstep
+    assert warm.stats.backward.nstep < cold.stats.backward.nstep
+    torch.testing.assert_close(warm.fused, cold.fused, atol=1e-4, rtol=1e-4)
+    again = m(xs, z0=cold.stats.state)
+    assert again.stats.nstep < cold.stats.nstep
+
+
+def test_nonconvergence_returns_best_iterate_and_says_so():
+    m = model(torch.float32, f_max_iter=2, f_tol=1e-12)
+    out = m(inputs(DIMS))
+    assert not out.stats.converged and out.stats.nstep == 2
+    assert "NOT converged" in str(out.stats)
+    assert torch.isfinite(out.fused).all()
+
+
+def test_state_dict_round_trip():
+    m = model(torch.float32, f_tol=1e-5, f_max_iter=60)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    n = DEQFusion(DIMS, dim=8, num_groups=2, f_tol=1e-5, f_max_iter=60, jac_samples=0)
+    n.load_state_dict(torch.load(buf))
+    xs = inputs(DIMS)
+    torch.testing.assert_close(m.eval()(xs).fused, n.eval()(xs).fused)
+
+
+def test_deterministic_under_a_seed_with_dropout_and_jacobian():
+    def run():
+        torch.manual_seed(0)
+        m = DEQFusion(DIMS, dim=8, num_groups=2, dropout=0.3, jac_samples=2, jac_weight=0.5, f_max_iter=20)
+        out = m(inputs(DIMS))
+        out.fused.sum().backward()
+        return out.fused.detach(), [p.grad for p in m.parameters()]
+
+    (a, ga), (b, gb) = run(), run()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_dropout_mask_is_fixed_across_solver_steps():
+    torch.manual_seed(0)
+    m = make_contractive(DEQFusion(DIMS, dim=8, num_groups=2, dropout=0.5, f_tol=1e-6, f_max_iter=200))
+    out = m.train()(inputs(DIMS))
+    assert out.stats.converged  # a fresh mask per step would never settle
+
+
+def test_bfloat16_autocast_runs():
+    m = model(torch.float32, f_tol=1e-2, f_max_iter=30, b_tol=1e-2, b_max_iter=30, jac_samples=1, jac_weight=0.1)
+    xs = inputs(DIMS, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(xs)
+        loss = out.fused.float().pow(2).mean()
+    loss.backward()
+    assert torch.isfinite(out.fused.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_torch_compile_runs_with_graph_breaks():
+    m = model(torch.float32, f_tol=1e-4, f_max_iter=30)
+    xs = inputs(DIMS)
+    compiled = torch.compile(m, backend="eager")   # the solver loop's stopping test is a graph break
+    torch.testing.assert_close(compiled(xs).fused, m(xs).fused)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_forward_backward_matches_cpu():
+    m = model(torch.float32, f_tol=1e-6, f_max_iter=100, b_tol=1e-6, b_max_iter=100)
+    xs = inputs(DIMS, requires_grad=True)
+    _, g_cpu = grads(m, xs)
+    mc = copy.deepcopy(m).cuda()
+    xc = [x.detach().cuda().requires_grad_() for x in xs]
+    _, g_cuda = grads(mc, xc)
+    assert rel_err([g.cpu() for g in g_cuda], g_cpu) < 1e-4

@@ -1,0 +1,109 @@
+"""Solvers: tolerance reached on a contractive map, per-sample stopping, best iterate, errors."""
+import pytest
+import torch
+
+from deqfusion_core import DEQConvergenceError, SOLVERS, get_solver, solve
+
+
+def linear_map(B=6, L=20, rho=0.7, seed=0, dtype=torch.float64, symmetric=False):
+    """f(z) = A_b z + c_b per sample, with spectral norm rho < 1: a contraction with a known fixed point."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(B, L, L, generator=g, dtype=dtype)
+    if symmetric:
+        A = A @ A.transpose(1, 2)
+    A = rho * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+    c = torch.randn(B, L, generator=g, dtype=dtype)
+    calls = []
+
+    def f(z, rows):
+        calls.append(None if rows is None else rows.tolist())
+        Ar, cr = (A, c) if rows is None else (A[rows], c[rows])
+        return torch.bmm(Ar, z[:, :, None])[:, :, 0] + cr
+
+    z_star = torch.linalg.solve(torch.eye(L, dtype=dtype) - A, c)
+    return f, z_star, calls
+
+
+def rel_residual(f, z):
+    fz = f(z, None)
+    return ((fz - z).norm(dim=1) / fz.norm(dim=1)).max().item()
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("stop", ["rel", "abs"])
+def test_solver_reaches_tolerance(name, stop):
+    f, z_star, _ = linear_map()
+    res = solve(f, torch.zeros_like(z_star), name, max_iter=200, tol=1e-8, stop=stop)
+    assert res.converged
+    assert res.nstep < 200
+    resid = res.rel_residuals if stop == "rel" else res.abs_residuals
+    assert resid.max() <= 1e-8
+    # the returned iterate really is a fixed point: recompute its residual independently
+    if stop == "rel":
+        assert rel_residual(f, res.z) <= 1e-8
+    torch.testing.assert_close(res.z, z_star, atol=1e-6, rtol=1e-6)
+    assert len(res.trace) == res.nstep
+
+
+def test_anderson_beats_plain_iteration():
+    f, z_star, _ = linear_map(rho=0.95, symmetric=True)  # spectral radius 0.95: plain iteration is slow
+    steps = {n: solve(f, torch.zeros_like(z_star), n, max_iter=500, tol=1e-8).nstep
+             for n in ("anderson", "fixed_point")}
+    assert steps["anderson"] < steps["fixed_point"] / 2
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_converged_samples_stop_changing_and_costing(name):
+    f, z_star, calls = linear_map(B=5)
+    z0 = torch.zeros_like(z_star)
+    z0[0] = z_star[0]                       # sample 0 starts at its fixed point
+    res = solve(f, z0, name, max_iter=200, tol=1e-10)
+    assert res.converged
+    # after the first step, sample 0 is never evaluated again ...
+    assert calls[0] is None
+    assert all(rows is not None and 0 not in rows for rows in calls[1:])
+    # ... and is returned exactly as it was when it converged
+    torch.testing.assert_close(res.z[0], z_star[0], rtol=0, atol=0)
+
+
+def test_nonconvergence_is_reported_not_raised():
+    f, z_star, _ = linear_map(rho=0.99)
+    res = solve(f, torch.zeros_like(z_star), "fixed_point", max_iter=3, tol=1e-10)
+    assert not res.converged and res.nstep == 3
+    # best iterate is returned: its residual is the lowest seen
+    assert res.rel_residuals.max() <= min(t.item() for t in res.trace) + 1e-12
+
+
+def test_best_iterate_is_returned_when_iteration_diverges():
+    calls = {"n": 0}
+
+    def f(z, rows):  # converges for 3 steps, then blows up (but stays finite)
+        calls["n"] += 1
+        return 0.5 * z + 1 if calls["n"] <= 3 else 10 * z + 1
+
+    res = solve(f, torch.zeros(2, 3), "fixed_point", max_iter=6, tol=1e-12)
+    assert not res.converged
+    assert res.rel_residuals.max() < 0.5    # from the early, good iterates
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_non_finite_residual_raises(name):
+    def f(z, rows):
+        out = z * 0.5 + 1
+        out[0, 0] = float("nan")
+        return out
+
+    with pytest.raises(DEQConvergenceError, match="NaN/Inf"):
+        solve(f, torch.zeros(3, 4), name, max_iter=10, tol=1e-6)
+
+
+def test_unknown_solver_and_bad_options():
+    with pytest.raises(ValueError, match="solver"):
+        get_solver("newton")
+    f, z_star, _ = linear_map()
+    with pytest.raises(ValueError, match="stop"):
+        solve(f, torch.zeros_like(z_star), "anderson", stop="median")
+    with pytest.raises(ValueError, match="m:"):
+        solve(f, torch.zeros_like(z_star), "anderson", m=0)
+    with pytest.raises(ValueError, match="max_iter"):
+        solve(f, torch.zeros_like(z_star), "fixed_point", max_iter=0)
