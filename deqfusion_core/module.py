@@ -302,7 +302,7 @@ class DEQFusion(nn.Module):
             if warm_start is not None and warm_start.backward_state is not None \
                     and warm_start.backward_state.shape == fz.shape:
                 g0 = warm_start.backward_state
-            out = _ImplicitGrad.apply(fz, z, self._backward_solver(stats, g0))
+            out = _ImplicitGrad.apply(fz, z, self._backward_solver(stats, g0, z_star, inj))
         elif self.backward != "phantom":  # onestep; and unrolled outside training, which needs no tape
             out = fz
         return self._output(out, stats, jac)
@@ -318,19 +318,38 @@ class DEQFusion(nn.Module):
         return get_solver(self.solver)(f, z0, max_iter=self.f_max_iter, tol=self.f_tol, stop=self.f_stop,
                                        **self.solver_options)
 
-    def _backward_solver(self, stats: SolverStats, g0):
+    def _backward_solver(self, stats: SolverStats, g0, z_star, inj):
+        """The closure _ImplicitGrad.backward calls: solves g = g J + grad, per sample.
+
+        J is block-diagonal over samples (GroupNorm and the gates act per sample), so samples are
+        independent. Converged samples stop; once the running ones are at most half of those in the
+        current graph, f is re-applied to them alone, so later VJPs cost in proportion to them.
+        """
         def backward_solve(vjp, grad):
             grad = grad.detach()
-            gbuf = (torch.zeros_like(grad) if g0 is None else g0.to(grad)).clone()
+            g_init = torch.zeros_like(grad) if g0 is None else g0.to(grad)
+            graph = {"rows": None, "vjp": vjp, "buf": g_init.clone(), "pos": None, "for": None}
 
-            def h(g, rows):  # g -> g J + grad; J is block-diagonal over samples, so rows are independent
+            def h(g, rows):  # g -> g J + grad on the rows still running
                 if rows is None:
-                    return vjp(g) + grad
-                gbuf[rows] = g
-                return (vjp(gbuf) + grad)[rows]
+                    return graph["vjp"](g) + grad
+                if rows is not graph["for"]:
+                    size = grad.shape[0] if graph["rows"] is None else graph["rows"].numel()
+                    if 2 * rows.numel() <= size:
+                        with torch.enable_grad():
+                            z = z_star[rows].detach().requires_grad_()
+                            fz = self.layer(z, inj.select(rows))
+                        graph.update(rows=rows, buf=graph["buf"][rows] if graph["rows"] is None else
+                                     graph["buf"][torch.searchsorted(graph["rows"], rows)],
+                                     vjp=lambda v, fz=fz, z=z: torch.autograd.grad(fz, z, v, retain_graph=True)[0])
+                    graph["pos"] = rows if graph["rows"] is None else torch.searchsorted(graph["rows"], rows)
+                    graph["for"] = rows
+                buf, pos = graph["buf"], graph["pos"]
+                buf[pos] = g
+                return graph["vjp"](buf)[pos] + grad[rows]
 
             with torch.no_grad():
-                res = get_solver(self.b_solver)(h, gbuf.clone(), max_iter=self.b_max_iter, tol=self.b_tol,
+                res = get_solver(self.b_solver)(h, g_init, max_iter=self.b_max_iter, tol=self.b_tol,
                                                 stop="rel", **self.b_solver_options)
             stats.backward = SolverStats.from_result(res, self.b_solver, self.b_max_iter, self.b_tol, "rel")
             stats.backward_state = res.z.detach()

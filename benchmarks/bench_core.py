@@ -1,0 +1,347 @@
+"""Side-by-side benchmark of the DEQ fusion core at BRCA shapes (not a test).
+
+    DEQFUSION_REFERENCE_ROOT=~/upstream/deqfusion_ref python benchmarks/bench_core.py [--quick]
+
+Compares, in one run on the same weights and inputs: deqfusion_core, the paper authors' reference
+module (loaded in memory from DEQFUSION_REFERENCE_ROOT; skipped with a reason if unset), TorchDEQ
+(pip `torchdeq`) driving our layer, and unrolled autograd. Weights are made contractive by a few
+Jacobian-regularised training steps first. Reports medians over --repeats runs and ratios to the
+reference; writes JSON to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference import copy_weights_to_reference, load_reference, reference_grads, reference_root  # noqa: E402
+
+from deqfusion_core import DEQFusion  # noqa: E402
+from deqfusion_core.module import _Injection  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def build(args, seed=0):
+    torch.manual_seed(seed)
+    d, n = args.dim, args.modalities
+    ours = DEQFusion([d] * n, d, num_groups=4, jac_samples=2)
+    xs = [torch.randn(args.batch, d) for _ in range(n)]
+    head = torch.nn.Linear(d, args.classes)
+    labels = torch.randint(0, args.classes, (args.batch,))
+    # a few Jacobian-regularised steps (weight 100, the reference BRCA code's default) make f contractive
+    opt = torch.optim.Adam(list(ours.parameters()) + list(head.parameters()), lr=1e-3)
+    ours.f_max_iter, ours.b_max_iter, ours.jac_weight = 30, 30, 100.0
+    for _ in range(args.warmup_steps):
+        opt.zero_grad()
+        out = ours(xs)
+        F.cross_entropy(head(out.fused), labels).backward()
+        opt.step()
+    ours.jac_weight = 0.0
+    for p in head.parameters():
+        p.requires_grad_(False)
+    return ours, xs, head, labels
+
+
+def loss_of(fused, head, labels):
+    return F.cross_entropy(head(fused), labels)
+
+
+def injection(m, xs):
+    x_fuse = sum(w * x for w, x in zip(m.weights, xs)) + m.bias
+    return _Injection(xs, x_fuse, None, None)
+
+
+def timed(fn, repeats):
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def param_grads(m):
+    return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ----------------------------------------------------------------------------------------------- methods
+def unrolled_ground_truth(ours, xs, head, labels, steps=300, damping=0.5):
+    """Gradient of the loss through `steps` weight-tied applications of the damped map
+    z <- (1 - damping) z + damping f(z) from zero: unrolled autograd (checkpointed per step, which gives
+    the same gradient in O(steps) states of memory). Damping keeps the samples on which plain iteration
+    oscillates (the paper's Fig. 4 weight-tied curve) converging to the same fixed point.
+    Returns (gradient, max relative residual of the last step)."""
+    m = copy.deepcopy(ours)
+    m.zero_grad()
+    inj = injection(m, xs)
+    z = torch.zeros(xs[0].shape[0], m.state_width)
+    step = lambda s: torch.lerp(s, m.layer(s, inj), damping)
+    for _ in range(steps):
+        z = checkpoint(step, z, use_reentrant=False)
+    with torch.no_grad():
+        fz = m.layer(z, inj)
+        resid = ((fz - z).norm(dim=1) / fz.norm(dim=1)).max().item()
+    loss_of(z.view(z.shape[0], -1, m.dim)[:, -1], head, labels).backward()
+    return param_grads(m), resid
+
+
+def ours_step(m, xs, head, labels, warm=None):
+    m.zero_grad()
+    t0 = time.perf_counter()
+    out = m(xs, warm_start=warm)
+    t1 = time.perf_counter()
+    loss_of(out.fused, head, labels).backward()
+    t2 = time.perf_counter()
+    return out, t1 - t0, t2 - t1
+
+
+def reference_step(ref, xs, head, labels):
+    ref.zero_grad()
+    t0 = time.perf_counter()
+    fused, jac, result = ref(xs)
+    t1 = time.perf_counter()
+    loss_of(fused, head, labels).backward()
+    t2 = time.perf_counter()
+    return result, t1 - t0, t2 - t1
+
+
+def torchdeq_step(m, xs, head, labels, tol, max_iter):
+    from torchdeq import get_deq
+
+    deq = get_deq(f_solver="anderson", f_max_iter=max_iter, f_tol=tol, f_stop_mode="rel",
+                  b_solver="anderson", b_max_iter=max_iter, b_tol=tol, b_stop_mode="rel", ift=True)
+    m.zero_grad()
+    t0 = time.perf_counter()
+    inj = injection(m, xs)
+    z0 = torch.zeros(xs[0].shape[0], m.state_width)
+    z_out, info = deq(lambda z: m.layer(z, inj), z0)
+    z = z_out[-1]
+    t1 = time.perf_counter()
+    loss_of(z.view(z.shape[0], -1, m.dim)[:, -1], head, labels).backward()
+    t2 = time.perf_counter()
+    return info, t1 - t0, t2 - t1
+
+
+# ----------------------------------------------------------------------------------------------- parts
+def count_calls(fn):
+    def wrapped(*a, **k):
+        wrapped.calls += 1
+        return fn(*a, **k)
+    wrapped.calls = 0
+    return wrapped
+
+
+def forward_solve(args, ours, xs, R, report):
+    """f evaluations and time to relative residual 1e-3, and solver overhead over bare f evaluations."""
+    m = copy.deepcopy(ours).eval()
+    inj = injection(m, xs)
+    z0 = torch.zeros(xs[0].shape[0], m.state_width)
+    with torch.no_grad():
+        t_f, _ = timed(lambda: m.layer(z0 + 0.1, inj), args.repeats * 3)
+        rows = {}
+        m.f_tol, m.f_max_iter = 1e-3, 105
+        t, out = timed(lambda: m(xs), args.repeats)
+        evals = out.stats.nstep
+        rows["deqfusion (per-sample rel 1e-3)"] = dict(f_evals=evals, time_s=t, overhead=t / (evals * t_f),
+                                                      rel_residual_max=out.stats.rel_residual)
+        if R is not None:
+            ref = R.DEQFusion(m.dim, m.num_modalities, f_thres=105, b_thres=106)
+            copy_weights_to_reference(m, ref)
+            fusion_feature = inj.x_fuse
+            func = count_calls(lambda z: R.list2vec(ref.func_(R.vec2list(z, [m.dim] * (m.num_modalities + 1)),
+                                                               list(xs) + [fusion_feature])))
+
+            def run_ref():
+                func.calls = 0
+                return R.anderson(func, z0, threshold=105, eps=1e-3, stop_mode="rel")
+            t, res = timed(run_ref, args.repeats)
+            rows["reference (batch rel 1e-3)"] = dict(f_evals=func.calls, time_s=t,
+                                                      overhead=t / (func.calls * t_f), rel_residual_batch=res["lowest"])
+            t, res = timed(lambda: (setattr(func, "calls", 0), R.anderson(func, z0, threshold=105, eps=1e-3,
+                                                                         stop_mode="abs"))[1], args.repeats)
+            rows["reference defaults (abs 1e-3, cap 105)"] = dict(f_evals=func.calls, time_s=t,
+                                                                  overhead=t / (func.calls * t_f))
+        try:
+            from torchdeq import get_deq
+            f = count_calls(lambda z: m.layer(z, inj))
+            deq = get_deq(f_solver="anderson", f_max_iter=105, f_tol=1e-3, f_stop_mode="rel")
+            t, _ = timed(lambda: (setattr(f, "calls", 0), deq(f, z0))[1], args.repeats)
+            rows["torchdeq anderson (batch rel 1e-3)"] = dict(f_evals=f.calls, time_s=t, overhead=t / (f.calls * t_f))
+        except ImportError as exc:
+            report["skipped"].append(f"torchdeq: {exc}")
+    report["one_f_s"] = t_f
+    report["forward"] = rows
+
+
+def train_steps(args, ours, xs, head, labels, R, report):
+    truth, resid = unrolled_ground_truth(ours, xs, head, labels, steps=args.unrolled_steps)
+    report["ground_truth"] = dict(steps=args.unrolled_steps, damping=0.5, rel_residual_max=resid)
+    rows = {}
+    for tol in (1e-3, 1e-4, 1e-5):
+        m = copy.deepcopy(ours).train()
+        m.f_tol = m.b_tol = tol
+        m.f_max_iter = m.b_max_iter = 105
+        samples = [ours_step(m, xs, head, labels) for _ in range(args.repeats)]
+        fw, bw = statistics.median(s[1] for s in samples), statistics.median(s[2] for s in samples)
+        st = samples[-1][0].stats
+        rows[f"deqfusion tol {tol:g}"] = dict(step_s=fw + bw, forward_s=fw, backward_s=bw, bwd_fwd_ratio=bw / fw,
+                                              f_evals=st.nstep, b_evals=st.backward.nstep,
+                                              grad_rel_err=rel_err(param_grads(m), truth))
+    if R is not None:
+        ref = R.DEQFusion(ours.dim, ours.num_modalities, f_thres=105, b_thres=106, stop_mode="abs")
+        copy_weights_to_reference(ours, ref)
+        ref.train()
+        samples = [reference_step(ref, xs, head, labels) for _ in range(max(1, args.repeats))]
+        fw, bw = statistics.median(s[1] for s in samples), statistics.median(s[2] for s in samples)
+        g = reference_grads(ours, ref)
+        rows["reference defaults (f 105 abs, b 106)"] = dict(step_s=fw + bw, forward_s=fw, backward_s=bw,
+                                                             bwd_fwd_ratio=bw / fw, grad_rel_err=rel_err(g, truth))
+    try:
+        for tol in (1e-3, 1e-4):
+            m = copy.deepcopy(ours).train()
+            samples = [torchdeq_step(m, xs, head, labels, tol, 105) for _ in range(args.repeats)]
+            fw, bw = statistics.median(s[1] for s in samples), statistics.median(s[2] for s in samples)
+            rows[f"torchdeq tol {tol:g}"] = dict(step_s=fw + bw, forward_s=fw, backward_s=bw, bwd_fwd_ratio=bw / fw,
+                                                 grad_rel_err=rel_err(param_grads(m), truth))
+    except ImportError as exc:
+        report["skipped"].append(f"torchdeq: {exc}")
+    m = copy.deepcopy(ours).train()
+    m.backward, m.f_tol, m.f_max_iter = "unrolled", 1e-3, 105
+    samples = [ours_step(m, xs, head, labels) for _ in range(args.repeats)]
+    fw, bw = statistics.median(s[1] for s in samples), statistics.median(s[2] for s in samples)
+    rows["unrolled autograd to rel 1e-3"] = dict(step_s=fw + bw, forward_s=fw, backward_s=bw, bwd_fwd_ratio=bw / fw,
+                                                 f_evals=samples[-1][0].stats.nstep,
+                                                 grad_rel_err=rel_err(param_grads(m), truth))
+    report["train_step"] = rows
+
+
+def warm_started(args, ours, xs, head, labels, R, report):
+    """Repeated full-batch training steps (MM-Dynamics style): warm-started forward and backward solves."""
+    rows = {}
+    for name, warm in (("deqfusion warm start, tol 1e-4", True), ("deqfusion cold start, tol 1e-4", False)):
+        m = copy.deepcopy(ours).train()
+        m.f_tol = m.b_tol = 1e-4
+        m.f_max_iter = m.b_max_iter = 105
+        opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+        prev, times, evals = None, [], []
+        for i in range(args.repeats + 1):
+            t = time.perf_counter()
+            out, _, _ = ours_step(m, xs, head, labels, warm=prev if warm else None)
+            opt.step()
+            times.append(time.perf_counter() - t)
+            evals.append((out.stats.nstep, out.stats.backward.nstep))
+            prev = out.stats
+        rows[name] = dict(step_s=statistics.median(times[1:]), f_b_evals=evals[1:])
+    report["warm_start"] = rows
+
+
+def memory_child(args):
+    """Run one method's training step in this (fresh) process; print peak RSS growth in MiB."""
+    ours, xs, head, labels = build(args)
+    R = load_reference() if args.memory_of.startswith("reference") else None
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.memory_of.startswith("deqfusion"):
+        steps = int(args.memory_of.split(":")[1])
+        ours.f_tol = ours.b_tol = 1e-30   # force exactly `steps` iterations
+        ours.f_max_iter = ours.b_max_iter = steps
+        ours_step(ours.train(), xs, head, labels)
+    elif args.memory_of.startswith("reference"):
+        steps = int(args.memory_of.split(":")[1])
+        ref = R.DEQFusion(ours.dim, ours.num_modalities, f_thres=steps, b_thres=steps + 1, stop_mode="abs")
+        copy_weights_to_reference(ours, ref)
+        reference_step(ref.train(), xs, head, labels)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def memory(args, report, have_ref):
+    rows = {}
+    methods = ["deqfusion:10", "deqfusion:100"] + (["reference:10", "reference:100"] if have_ref else [])
+    for meth in methods:
+        cmd = [sys.executable, __file__, "--memory-of", meth, "--batch", str(args.batch), "--dim", str(args.dim),
+               "--warmup-steps", "0"]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        if out.returncode:
+            report["skipped"].append(f"memory {meth}: {out.stderr.strip().splitlines()[-1:]}")
+            continue
+        rows[meth.replace(":", f" steps=")] = dict(peak_rss_growth_mib=float(out.stdout.strip().splitlines()[-1]))
+    report["memory"] = rows
+
+
+# ----------------------------------------------------------------------------------------------- main
+def fmt(rows):
+    keys = sorted({k for r in rows.values() for k in r})
+    lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, r in rows.items():
+        cells = []
+        for k in keys:
+            v = r.get(k, "")
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=612)
+    p.add_argument("--dim", type=int, default=500)
+    p.add_argument("--modalities", type=int, default=3)
+    p.add_argument("--classes", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup-steps", type=int, default=10, help="Jacobian-regularised steps that make f contractive")
+    p.add_argument("--unrolled-steps", type=int, default=300)
+    p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run")
+    p.add_argument("--skip", nargs="*", default=[], choices=["forward", "train", "warm", "memory"])
+    p.add_argument("--out", default="benchmarks/results/core_cpu.json")
+    p.add_argument("--memory-of", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.dim, args.repeats = 64, 64, 2
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.memory_of:
+        return memory_child(args)
+
+    report = {"config": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "skipped": []}
+    R = None
+    if reference_root() is None:
+        report["skipped"].append("reference: DEQFUSION_REFERENCE_ROOT is unset")
+    else:
+        R = load_reference()
+    ours, xs, head, labels = build(args)
+    if "forward" not in args.skip:
+        forward_solve(args, ours, xs, R, report)
+    if "train" not in args.skip:
+        train_steps(args, ours, xs, head, labels, R, report)
+    if "warm" not in args.skip:
+        warm_started(args, ours, xs, head, labels, R, report)
+    if "memory" not in args.skip:
+        memory(args, report, R is not None)
+    for part in ("forward", "train_step", "warm_start", "memory"):
+        if part in report:
+            print(f"\n## {part}\n{fmt(report[part])}")
+    if "ground_truth" in report:
+        print(f"\nground truth: {report['ground_truth']}")
+    for s in report["skipped"]:
+        print(f"skipped: {s}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
