@@ -28,30 +28,14 @@ from torch.utils.checkpoint import checkpoint
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import copy_weights_to_reference, load_reference, reference_grads, reference_root  # noqa: E402
 
-from deqfusion_core import DEQFusion  # noqa: E402
+from deqfusion_core.bench import contractive_problem  # noqa: E402
 from deqfusion_core.module import _Injection  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- setup
 def build(args, seed=0):
-    torch.manual_seed(seed)
-    d, n = args.dim, args.modalities
-    ours = DEQFusion([d] * n, d, num_groups=4, jac_samples=2)
-    xs = [torch.randn(args.batch, d) for _ in range(n)]
-    head = torch.nn.Linear(d, args.classes)
-    labels = torch.randint(0, args.classes, (args.batch,))
-    # a few Jacobian-regularised steps (weight 100, the reference BRCA code's default) make f contractive
-    opt = torch.optim.Adam(list(ours.parameters()) + list(head.parameters()), lr=1e-3)
-    ours.f_max_iter, ours.b_max_iter, ours.jac_weight = 30, 30, 100.0
-    for _ in range(args.warmup_steps):
-        opt.zero_grad()
-        out = ours(xs)
-        F.cross_entropy(head(out.fused), labels).backward()
-        opt.step()
-    ours.jac_weight = 0.0
-    for p in head.parameters():
-        p.requires_grad_(False)
-    return ours, xs, head, labels
+    return contractive_problem(args.batch, [args.dim] * args.modalities, args.dim, args.classes,
+                               args.warmup_steps, seed=seed)
 
 
 def loss_of(fused, head, labels):

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="train DEQ fusion on generated multimodal data on the CPU and print solver statistics")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=160)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="folder for the convergence and gate plots")

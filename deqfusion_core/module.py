@@ -61,9 +61,9 @@ class FuseBlock(nn.Module):
             if gate_mask is not None:
                 gates = gates * gate_mask
             purified = z_fuse * gates
-            if gate_means is not None:              # mean alpha_i per modality, for the paper's Fig. 3
+            if gate_means is not None:              # per-sample mean alpha_i per modality [b, N], for Fig. 3
                 w, b = self.gate.weight.mean(0), self.gate.bias.mean()
-                gate_means.append(torch.stack([((z_fuse + z) @ w).mean() + b for z in zs]).detach().float())
+                gate_means.append(torch.stack([(z_fuse + z) @ w + b for z in zs], 1).detach().float())
         out = self.fuse(purified)
         if fuse_mask is not None:
             out = out * fuse_mask
@@ -309,11 +309,18 @@ class DEQFusion(nn.Module):
 
     def _solve(self, z0, inj, gate_means) -> SolveResult:
         cache = {"rows": None, "inj": inj}
+        gates = None if gate_means is None else z0.new_zeros(z0.shape[0], self.num_modalities, dtype=torch.float32)
 
         def f(z, rows):
             if rows is not cache["rows"]:
                 cache["rows"], cache["inj"] = rows, (inj if rows is None else inj.select(rows))
-            return self.layer(z, cache["inj"], gate_means)
+            if gates is None:
+                return self.layer(z, cache["inj"])
+            step = []
+            out = self.layer(z, cache["inj"], step)
+            gates[slice(None) if rows is None else rows] = step[0]   # stopped samples keep their last gates
+            gate_means.append(gates.mean(0))
+            return out
 
         return get_solver(self.solver)(f, z0, max_iter=self.f_max_iter, tol=self.f_tol, stop=self.f_stop,
                                        **self.solver_options)
@@ -394,7 +401,10 @@ class DEQFusion(nn.Module):
         gate_means: list | None = [] if self.track_gates else None
         z, trace = z0, []
         for k in range(steps):
-            fz = self.layer(z, inj, gate_means)
+            step = None if gate_means is None else []
+            fz = self.layer(z, inj, step)
+            if step:
+                gate_means.append(step[0].mean(0))
             g = (fz - z).detach()
             abs_res = g.norm(dim=1)
             rel_res = abs_res / (fz.detach().norm(dim=1) + 1e-8)

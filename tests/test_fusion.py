@@ -299,3 +299,8 @@ def test_backward_shrinks_to_running_samples_and_stays_exact():
     g = torch.linalg.solve((torch.eye(z.numel(), dtype=J.dtype) - J).T, dl.flatten()).view_as(fz)
     g_unrolled = list(torch.autograd.grad(fz, list(m.parameters()) + xs, g))
     assert rel_err(g_implicit, g_unrolled) <= 1e-5
+
+
+def test_gate_tracking_in_unrolled_mode():
+    m = model(torch.float32, track_gates=True, equilibrium=False, num_layers=3)
+    assert m(inputs(DIMS)).stats.gates.shape == (3, 3)
