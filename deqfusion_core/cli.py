@@ -105,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="integration name (see `deqfusion list`)")
     p.add_argument("--upstream", metavar="PATH", help="the upstream checkout (else DEQFUSION_<NAME>_ROOT)")
     add_fusion_flags(p)
-    p.add_argument("upstream_args", nargs=argparse.REMAINDER, help="arguments for the upstream script, after --")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="train DEQ fusion on generated multimodal data on the CPU and print solver statistics")
@@ -129,10 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "upstream_args", None) and args.upstream_args[0] == "--":
-        args.upstream_args = args.upstream_args[1:]
+    upstream_args: list[str] = []
+    if "--" in argv:  # everything after the first `--` belongs to the upstream script, untouched
+        cut = argv.index("--")
+        argv, upstream_args = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    args.upstream_args = upstream_args
     return int(args.func(args) or 0)
 
 

@@ -1,0 +1,142 @@
+"""Plugin manager and command line, end to end, with a plugin declared by the test itself."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PLUGIN = textwrap.dedent('''
+    import json, os
+    from pathlib import Path
+    from deqfusion_core import Integration, hookimpl, run_path_as_main
+
+    class Toy(Integration):
+        name = "toy"
+        summary = "a test integration"
+        env_var = "DEQFUSION_TOY_ROOT"
+        marker = "train.py"
+        repository = "example/toy"
+
+        def apply(self, upstream, options=None):
+            os.environ["TOY_APPLIED"] = json.dumps(options or {})
+
+        def launch(self, upstream, argv):
+            return run_path_as_main(upstream.root / "train.py", argv, cwd=upstream.root)
+
+    @hookimpl
+    def deqfusion_integration():
+        return Toy()
+
+    @hookimpl
+    def deqfusion_add_commands(subparsers):
+        p = subparsers.add_parser("toy-hello")
+        p.set_defaults(func=lambda args: print("hello from toy") or 0)
+''')
+
+BROKEN = "raise ImportError('toy dependency missing')\n"
+
+UPSTREAM_SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    from pathlib import Path
+    Path("ran.json").write_text(json.dumps({"argv": sys.argv[1:], "name": __name__,
+                                            "applied": json.loads(os.environ["TOY_APPLIED"])}))
+    sys.exit(3 if "--fail" in sys.argv else 0)
+''')
+
+
+@pytest.fixture
+def plugin_env(tmp_path):
+    site = tmp_path / "site"
+    dist = site / "toyplugin-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toyplugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[deqfusion.integrations]\ntoy = toyplugin\nbroken = brokenplugin\n")
+    (site / "toyplugin.py").write_text(PLUGIN)
+    (site / "brokenplugin.py").write_text(BROKEN)
+    upstream = tmp_path / "toy_upstream"
+    upstream.mkdir()
+    (upstream / "train.py").write_text(UPSTREAM_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    env.pop("DEQFUSION_TOY_ROOT", None)
+    return env, upstream
+
+
+def deqfusion(env, *args):
+    return subprocess.run([sys.executable, "-m", "deqfusion_core", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_list_shows_found_missing_and_broken_plugins(plugin_env):
+    env, upstream = plugin_env
+    out = deqfusion(env, "list")
+    assert out.returncode == 0, out.stderr
+    toy = next(line for line in out.stdout.splitlines() if line.startswith("toy "))
+    assert "not found" in toy and "DEQFUSION_TOY_ROOT" in toy
+    broken = next(line for line in out.stdout.splitlines() if line.startswith("broken"))
+    assert "broken" in broken and "toy dependency missing" in broken
+    out = deqfusion(dict(env, DEQFUSION_TOY_ROOT=str(upstream)), "list")
+    toy = next(line for line in out.stdout.splitlines() if line.startswith("toy "))
+    assert "found" in toy and "not found" not in toy and str(upstream) in toy
+
+
+def test_run_applies_then_runs_upstream_script_as_main(plugin_env):
+    env, upstream = plugin_env
+    out = deqfusion(env, "run", "toy", "--upstream", str(upstream), "--solver", "broyden", "--f-tol", "1e-4",
+                    "-o", "gating=False", "--", "--epochs", "2", "--lr=0.1")
+    assert out.returncode == 0, out.stderr
+    ran = json.loads((upstream / "ran.json").read_text())
+    assert ran["name"] == "__main__"
+    assert ran["argv"] == ["--epochs", "2", "--lr=0.1"]
+    assert ran["applied"] == {"solver": "broyden", "f_tol": 1e-4, "gating": False}
+
+
+def test_run_propagates_exit_code_and_env_var_locates(plugin_env):
+    env, upstream = plugin_env
+    out = deqfusion(dict(env, DEQFUSION_TOY_ROOT=str(upstream)), "run", "toy", "--", "--fail")
+    assert out.returncode == 3
+
+
+def test_run_errors_name_the_problem(plugin_env, tmp_path):
+    env, upstream = plugin_env
+    out = deqfusion(env, "run", "nope", "--", "x")
+    assert out.returncode == 2 and "unknown integration 'nope'" in out.stderr and "toy" in out.stderr
+    out = deqfusion(env, "run", "toy", "--", "x")
+    assert out.returncode == 2 and "--upstream" in out.stderr and "DEQFUSION_TOY_ROOT" in out.stderr
+    out = deqfusion(env, "run", "toy", "--upstream", str(tmp_path), "--", "x")
+    assert out.returncode == 2 and "no train.py" in out.stderr
+    out = deqfusion(env, "run", "broken", "--", "x")
+    assert out.returncode == 2 and "failed to load" in out.stderr
+
+
+def test_plugins_add_commands(plugin_env):
+    env, _ = plugin_env
+    out = deqfusion(env, "toy-hello")
+    assert out.returncode == 0 and "hello from toy" in out.stdout
+
+
+def test_fusion_option_parsing():
+    from deqfusion_core.cli import parse_fusion_option
+
+    assert parse_fusion_option("f_tol=1e-4") == ("f_tol", 1e-4)
+    assert parse_fusion_option("solver=broyden") == ("solver", "broyden")
+    assert parse_fusion_option("solver-options={'m': 6}") == ("solver_options", {"m": 6})
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        parse_fusion_option("gating")
+
+
+def test_import_is_light():
+    out = subprocess.run([sys.executable, "-c", "import sys, deqfusion_core; print('torch' in sys.modules)"],
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_demo_runs_and_writes_plots(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "deqfusion_core", "demo", "--steps", "32", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "val acc" in out.stdout and "rel residual" in out.stdout
+    assert (tmp_path / "convergence.png").stat().st_size > 1000
+    assert (tmp_path / "gates.png").stat().st_size > 1000
