@@ -1,0 +1,95 @@
+"""`deq` in MMF's fusion registry, with MMF's fusion convention, and building any registered fusion by name.
+
+MMF's fusions (``mmf/modules/fusions.py``) are built as ``cls(input_dims, output_dim, **params)`` and called
+as ``fusion([x1, x2, ...]) -> Tensor``. :class:`DEQFusionMMF` follows it; the Jacobian term and the solver
+statistics of its last call stay on the module (``last_jac_loss``, ``last_stats``) for the model to report.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+# Options from `deqfusion run mmf --f-max-iter ... --jac-weight ...`; they override the config's params.
+OVERRIDES: dict[str, Any] = {}
+
+
+class DEQFusionMMF(nn.Module):
+    """DEQ fusion with MMF's fusion signature: ``(input_dims, output_dim, **DEQFusion options)``.
+
+    ``jac_weight``: weight of the Jacobian term. A model that knows this fusion (``FusionClassifier``) sets
+    ``report_jacobian = True`` and puts ``jac_weight * last_jac_loss`` into MMF's ``losses`` dict; any other
+    model gets the term attached to the fused tensor's backward (the core's ``jac_weight``), so MMF's
+    unchanged ``loss.backward()`` includes it either way.
+    """
+
+    def __init__(self, input_dims: Sequence[int], output_dim: int, jac_weight: float = 0.0, **options):
+        super().__init__()
+        from deqfusion_core import DEQFusion
+
+        options = {**options, **{k: v for k, v in OVERRIDES.items() if k != "jac_weight"}}
+        self.jac_weight = float(OVERRIDES.get("jac_weight", jac_weight))
+        self.report_jacobian = False
+        self.deq = DEQFusion(list(input_dims), int(output_dim), **options)
+        self.last_jac_loss: torch.Tensor | None = None
+        self.last_stats = None
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        fused, jac, stats = self.deq(list(xs))
+        self.last_jac_loss, self.last_stats = jac, stats
+        if jac is not None and self.jac_weight > 0 and not self.report_jacobian:
+            from deqfusion_core import attach_aux_loss
+
+            fused = attach_aux_loss(fused, jac, self.jac_weight)
+        return fused
+
+
+def register_fusions() -> dict[str, type]:
+    """Register `deq` and MMF's own fusions (rc10 never imports mmf.modules.fusions). Returns the registry."""
+    import mmf.modules.fusions  # noqa: F401 - registers block, mutan, linear_sum, ... as a side effect
+    from mmf.common.registry import registry
+
+    mapping = registry.mapping.setdefault("fusion_name_mapping", {})
+    if mapping.get("deq") is not DEQFusionMMF:
+        registry.register_fusion("deq")(DEQFusionMMF)
+    return mapping
+
+
+def build_fusion(config: Any, input_dims: Sequence[int], output_dim: int, key: str = "fusion") -> nn.Module:
+    """Build ``{type: NAME, params: {...}}`` from MMF's fusion registry; errors name the config ``key``."""
+    mapping = register_fusions()
+    if config is None:
+        raise KeyError(f"{key}: missing; set {key}.type to one of: {', '.join(sorted(mapping))}")
+    name = config.get("type") if hasattr(config, "get") else None
+    if not name:
+        raise KeyError(f"{key}.type: missing; one of: {', '.join(sorted(mapping))}")
+    if name not in mapping:
+        raise KeyError(f"{key}.type: unknown fusion {name!r}; MMF's fusion registry has: {', '.join(sorted(mapping))}")
+    params = config.get("params", None)
+    if params is None:
+        raise KeyError(f"{key}.params: missing (use {{}} for {name!r}'s defaults)")
+    params = dict(_to_container(params))
+    cls = mapping[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(params) - set(accepted))
+        if unknown:
+            raise KeyError(f"{key}.params.{unknown[0]}: not a parameter of fusion {name!r}; "
+                           f"it takes {', '.join(p for p in accepted if p not in ('self', 'input_dims', 'output_dim'))}")
+    try:
+        return cls(list(input_dims), int(output_dim), **params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{key}.params: fusion {name!r} rejected them: {exc}") from exc
+
+
+def _to_container(node):
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(node):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:
+        pass
+    return node

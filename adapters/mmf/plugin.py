@@ -1,0 +1,82 @@
+"""The `mmf` integration: `deqfusion run mmf -- config=... model=... dataset=...`, `deqfusion mmf-user-dir`,
+`deqfusion mmf-demo`. MMF is pip-installed (`mmf==1.0.0rc10 --no-deps`, see install.sh)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from deqfusion_core import Integration, hookimpl
+
+from . import CONFIG_DIR, USER_DIR
+
+
+def resolve_config_opts(argv: Sequence[str]) -> list[str]:
+    """`config=easy_vqa_deq` (a packaged experiment name) becomes the path of that packaged yaml."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if key == "config" and eq and not Path(value).exists():
+            packaged = CONFIG_DIR / "experiments" / (value if value.endswith(".yaml") else value + ".yaml")
+            if packaged.is_file():
+                arg = f"config={packaged}"
+        out.append(arg)
+    return out
+
+
+class MMFIntegration(Integration):
+    name = "mmf"
+    summary = "fusion: deq in MMF's fusion registry, fusion_classifier model, easy_vqa dataset"
+    distribution = "mmf"
+    module = "mmf"
+
+    def apply(self, upstream, options=None):
+        from . import register
+
+        register(options or {})
+        self.applied = True
+
+    def launch(self, upstream, argv):
+        from mmf_cli.run import run
+
+        try:
+            run(opts=resolve_config_opts(argv))
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return 0
+
+
+INTEGRATION = MMFIntegration()
+
+
+@hookimpl
+def deqfusion_integration():
+    return INTEGRATION
+
+
+def cmd_user_dir(args) -> int:
+    print(USER_DIR)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import main
+
+    return main(args)
+
+
+@hookimpl
+def deqfusion_add_commands(subparsers):
+    p = subparsers.add_parser("mmf-user-dir", help="print the MMF user dir: mmf_run ... env.user_dir=$(deqfusion mmf-user-dir)")
+    p.set_defaults(func=cmd_user_dir)
+    p = subparsers.add_parser("mmf-demo", help="train fusion_classifier on easy-VQA in MMF on the CPU; print "
+                                               "validation accuracy and solver stats, save convergence/gate plots")
+    p.add_argument("--fusion", default="deq", help="deq (default) or linear_sum (the baseline config)")
+    p.add_argument("--out", default="runs/mmf_easy_vqa", help="folder for MMF's save dir and the plots")
+    p.add_argument("--max-updates", type=int, default=None, help="override training.max_updates")
+    p.add_argument("mmf_opts", nargs="*", help="more MMF options, e.g. training.batch_size=32")
+    p.set_defaults(func=cmd_demo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(cmd_user_dir(None))
