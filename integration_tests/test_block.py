@@ -1,0 +1,183 @@
+"""block.bootstrap.pytorch with `fusion: {type: deq}`: its real VQANet, built by bootstrap's model factory from
+an options file, forward + criterion + backward on tiny generated inputs.
+
+Skip-thoughts weights cannot be downloaded here: the test writes small random files in the layout the
+`skipthoughts` package reads (dictionary.txt, utable.npy, uni_skip.npz), so block's real text encoder
+(BayesianUniSkip, 620 -> 2400) is built without a download.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("block", reason="block.bootstrap.pytorch is not installed (./install.sh vqa)")
+yaml = pytest.importorskip("yaml")
+
+from deqfusion_adapters.block import plugin  # noqa: E402
+from deqfusion_patches import vqa_compat  # noqa: E402
+
+WORDS = ["what", "color", "is", "the", "cat", "how", "many", "dogs"]
+ANSWERS = ["red", "blue", "two", "three", "yes"]
+DV = 16           # visual feature width (bottom-up features are 2048; tiny here)
+JAC_WEIGHT = 0.5
+
+
+@pytest.fixture(scope="module")
+def skipthoughts_dir(tmp_path_factory):
+    """Random skip-thoughts files with the real shapes (float16 keeps them ~40 MB)."""
+    d = tmp_path_factory.mktemp("skipthoughts")
+    (d / "dictionary.txt").write_text("\n".join(["UNK", *WORDS[:-1]]) + "\n")   # one word falls back to UNK
+    rng = np.random.default_rng(0)
+
+    def rand(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+
+    np.save(d / "utable.npy", rand(len(WORDS), 620))
+    np.savez(d / "uni_skip.npz", encoder_W=rand(620, 4800), encoder_b=rand(4800), encoder_U=rand(2400, 4800),
+             encoder_Wx=rand(620, 2400), encoder_bx=rand(2400), encoder_Ux=rand(2400, 2400))
+    return d
+
+
+@pytest.fixture
+def options_file(tmp_path, skipthoughts_dir):
+    opts = {
+        "exp": {"dir": str(tmp_path / "exp"), "resume": None},
+        "misc": {"cuda": False, "seed": 1337},
+        "model": {
+            "name": "default",
+            "network": {
+                "import": "block.models.networks.factory",
+                "name": "vqa_net",
+                "txt_enc": {"name": "skipthoughts", "type": "BayesianUniSkip", "dropout": 0.25,
+                            "fixed_emb": False, "dir_st": str(skipthoughts_dir)},
+                "self_q_att": True,
+                "attention": {"mlp_glimpses": 2,
+                              "fusion": {"type": "mutan", "input_dims": [4800, DV], "output_dim": 32,
+                                         "mm_dim": 32, "rank": 3}},
+                "classif": {"fusion": {"type": "deq", "input_dims": [4800, 2 * DV], "output_dim": len(ANSWERS),
+                                       "mm_dim": 32, "num_groups": 4, "f_max_iter": 15,
+                                       "jac_weight": JAC_WEIGHT}},
+            },
+            "criterion": {"import": "block.models.criterions.factory", "name": "vqa_cross_entropy"},
+            "metric": None,
+        },
+    }
+    path = tmp_path / "options.yaml"
+    path.write_text(yaml.safe_dump(opts))
+    return path
+
+
+class _Split:
+    split = "train"
+    wid_to_word = {i + 1: w for i, w in enumerate(WORDS)}
+    word_to_wid = {w: i + 1 for i, w in enumerate(WORDS)}
+    aid_to_ans = ANSWERS
+    ans_to_aid = {a: i for i, a in enumerate(ANSWERS)}
+
+
+class _Engine:
+    dataset = {"train": _Split()}
+
+
+@pytest.fixture
+def bootstrap_options(options_file, monkeypatch):
+    """bootstrap's Options/Logger singletons, built from the options file as `python -m bootstrap.run -o` does."""
+    plugin.INTEGRATION.apply(None, {})          # applies the yaml/collections shims bootstrap's Options needs
+    from bootstrap.lib.logger import Logger
+    from bootstrap.lib.options import Options
+
+    monkeypatch.setattr(sys, "argv", ["bootstrap.run", "-o", str(options_file)])
+    monkeypatch.setattr(Options, "_Options__instance", None)
+    monkeypatch.setattr(Logger, "_instance", None)
+    Options()
+    yield Options()
+
+
+def _batch(batch_size=4, regions=5, seq=6):
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, seq + 1, (batch_size, 1), generator=g)
+    question = torch.randint(1, len(WORDS) + 1, (batch_size, seq), generator=g)
+    question[torch.arange(seq)[None, :] >= lengths] = 0
+    return {"visual": torch.randn(batch_size, regions, DV, generator=g), "question": question, "lengths": lengths,
+            "class_id": torch.randint(0, len(ANSWERS), (batch_size, 1), generator=g)}
+
+
+def test_vqanet_with_deq_fusion_trains_with_jacobian_term(bootstrap_options):
+    from block.models.networks.fusions.fusions import Mutan
+    from bootstrap import models
+
+    torch.manual_seed(0)
+    model = models.factory(_Engine())        # bootstrap's DefaultModel: block's VQANet + block's criterion
+    net = model.network
+    assert isinstance(net.fusion, plugin.DEQBlockFusion)
+    assert isinstance(net.attention.fusion, Mutan)        # other types still go to block's own factory
+    assert net.fusion.jac_weight == JAC_WEIGHT and net.fusion.deq.f_max_iter == 15
+
+    model.train()
+    batch = _batch()
+    out = model(batch)
+    assert out["logits"].shape == (4, len(ANSWERS))
+    ce = torch.nn.functional.cross_entropy(out["logits"], batch["class_id"].squeeze(1))
+    assert out["jac_loss"].item() > 0
+    torch.testing.assert_close(out["loss"], ce + out["jac_loss"])       # the criterion added the term
+    assert 1 <= out["deq_nstep"].item() <= 15 and out["deq_rel_residual"].item() >= 0
+
+    out["loss"].backward()
+    deq_grads = [p.grad for p in net.fusion.deq.parameters()]
+    assert all(g is not None for g in deq_grads) and sum(g.abs().sum() for g in deq_grads) > 0
+    assert net.attention.fusion.linear0.weight.grad.abs().sum() > 0    # the implicit backward reaches the inputs
+    assert net.txt_enc.embedding.weight.grad.abs().sum() > 0
+
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+    assert out["jac_loss"].item() == 0.0             # no Jacobian term outside training
+    assert "loss" not in out                          # (no eval split here, so no eval criterion)
+
+
+def test_deq_fusion_defaults_from_the_command_line_and_bad_options():
+    plugin.INTEGRATION.apply(None, {"f_max_iter": 7, "jac_weight": 0.25})
+    try:
+        from block.models.networks.fusions.factory import factory
+
+        fusion = factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "mm_dim": 8, "num_groups": 2})
+        assert fusion.deq.f_max_iter == 7 and fusion.jac_weight == 0.25
+        fusion = factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "mm_dim": 8, "num_groups": 2,
+                          "f_max_iter": 3})
+        assert fusion.deq.f_max_iter == 3                 # the options file wins over the command line
+        assert fusion.deq.jac_weight == 0.0               # weighted by the criterion, never inside DEQFusion too
+        with pytest.raises(ValueError, match="output_dim"):
+            factory({"type": "deq", "input_dims": [8, 12], "output_dim": 0})
+        with pytest.raises(ValueError, match="num_groups"):
+            factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "mm_dim": 10, "num_groups": 4})
+    finally:
+        plugin.INTEGRATION.apply(None, {})
+
+
+def test_apply_is_idempotent_and_removable():
+    from block.models.networks import vqa_net
+    from block.models.networks.fusions import factory as fusions_factory
+
+    plugin.INTEGRATION.apply(None, {})
+    patched = vqa_net.factory_fusion
+    plugin.INTEGRATION.apply(None, {})
+    assert vqa_net.factory_fusion is patched is fusions_factory.factory
+    plugin.INTEGRATION.remove()
+    try:
+        assert vqa_net.factory_fusion is not patched
+        with pytest.raises(ValueError):
+            vqa_net.factory_fusion({"type": "deq", "input_dims": [8, 8], "output_dim": 3})
+    finally:
+        plugin.INTEGRATION.apply(None, {})
+
+
+def test_yaml_shim_is_conditional():
+    import yaml as pyyaml
+
+    plugin.INTEGRATION.apply(None, {})
+    assert not vqa_compat.yaml_load_needs_loader()        # applied (or never needed): no second wrap
+    assert pyyaml.load("a: [1, 2]") == {"a": [1, 2]}       # 2018-era call without Loader works
+    assert vqa_compat.shim_yaml_load() is False
