@@ -61,12 +61,12 @@ class _Tracker:
         self.nstep = 0
         self.done = False
 
-    def update(self, x: torch.Tensor, fx: torch.Tensor) -> torch.Tensor | None:
-        """Record step ``x -> fx`` for the working set. Returns a boolean mask over the working set
-        of the samples that keep running when some stopped (caller compacts), else None."""
+    def update(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Record step ``x -> fx`` (residual ``g = fx - x``) for the working set. Returns a boolean mask
+        over the working set of the samples that keep running when some stopped (caller compacts), else None."""
         self.nstep += 1
         rows = self.rows
-        g = fx - x
+        g = fx - x if g is None else g
         abs_res = g.norm(dim=1)
         rel_res = abs_res / (fx.norm(dim=1) + self.eps)
         res = rel_res if self.stop == "rel" else abs_res
@@ -126,42 +126,47 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
     mean squared residual in the history) and mixing ``beta``.
 
     Each sample's mixing coefficients come from its own ``(m+1) x (m+1)`` bordered least-squares system.
+    The histories of f(x) and of the residuals g = f(x) - x are kept, and their Gram matrix is updated
+    one row per step, so a step reads the history twice (one Gram row, one mixing) besides evaluating f.
     """
     if m < 1:
         raise ValueError(f"m: Anderson history must be >= 1, got {m}")
     t = _Tracker(z0, tol, stop, max_iter)
     B, L = z0.shape
-    X = z0.new_zeros(B, m, L)
-    F = z0.new_zeros(B, m, L)
+    F = z0.new_zeros(B, m, L)      # f(x) history
+    G = z0.new_zeros(B, m, L)      # residual history
+    GG = z0.new_zeros(B, m, m)     # Gram matrix of the residuals
     x = z0
     k = 0
     while True:
         fx = f(x, t.rows)
-        X[:, k % m], F[:, k % m] = x, fx
-        keep = t.update(x, fx)
+        g = fx - x
+        j = k % m
+        F[:, j], G[:, j] = fx, g
+        keep = t.update(x, fx, g)
         if t.done:
             return t.result()
         if keep is not None:
-            X, F = X[keep], F[keep]
+            F, G, GG = F[keep], G[keep], GG[keep]
         k += 1
         n = min(k, m)
+        row = torch.bmm(G[:, :n], G[:, j, :, None])[:, :, 0]    # the new residual against the history
+        GG[:, j, :n], GG[:, :n, j] = row, row
         if n == 1:
-            x = F[:, 0] if beta == 1.0 else torch.lerp(X[:, 0], F[:, 0], beta)
+            x = F[:, j] if beta == 1.0 else F[:, j] - (1 - beta) * G[:, j]
             continue
-        G = F[:, :n] - X[:, :n]                                   # residual history [b, n, L]
-        H = G.new_zeros(G.shape[0], n + 1, n + 1)
+        H = GG.new_zeros(GG.shape[0], n + 1, n + 1)
         H[:, 0, 1:] = H[:, 1:, 0] = 1
-        GG = torch.bmm(G, G.transpose(1, 2))
+        H[:, 1:, 1:] = GG[:, :n, :n]
         # Regularise relative to the residuals' scale, so the mixing stays sharp as they shrink.
-        ridge = lam * GG.diagonal(dim1=1, dim2=2).mean(1, keepdim=True) + torch.finfo(GG.dtype).tiny
-        H[:, 1:, 1:] = GG
+        ridge = lam * GG[:, :n, :n].diagonal(dim1=1, dim2=2).mean(1, keepdim=True) + torch.finfo(GG.dtype).tiny
         H[:, 1:, 1:].diagonal(dim1=1, dim2=2).add_(ridge)
-        y = G.new_zeros(G.shape[0], n + 1, 1)
+        y = GG.new_zeros(GG.shape[0], n + 1, 1)
         y[:, 0] = 1
-        alpha = torch.linalg.solve(H, y)[:, 1:]                   # [b, n, 1], sums to 1
-        x = torch.bmm(alpha.transpose(1, 2), F[:, :n])[:, 0]
-        if beta != 1.0:
-            x = torch.lerp(torch.bmm(alpha.transpose(1, 2), X[:, :n])[:, 0], x, beta)
+        alpha = torch.linalg.solve(H, y)[:, 1:].transpose(1, 2)  # [b, 1, n], sums to 1
+        x = torch.bmm(alpha, F[:, :n])[:, 0]                     # beta * alpha F + (1 - beta) * alpha X,
+        if beta != 1.0:                                          # with X = F - G
+            x = x - (1 - beta) * torch.bmm(alpha, G[:, :n])[:, 0]
 
 
 @register_solver("broyden")
