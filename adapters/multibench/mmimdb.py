@@ -101,13 +101,13 @@ def build_model(fusion: str = "deq", dim: int = PAPER_MMIMDB["dim"], root=None, 
     return encoders, fuse, models.Linear(fuse.output_dim, LAYOUT["genres"])
 
 
-def run(data, root=None, *, fusion: str = "deq", fusion_kwargs: dict | None = None, epochs: int = 1000,
-        limit: int | None = None, batch_size: int = PAPER_MMIMDB["batch_size"], workers: int = 0,
+def run(data, root=None, *, fusion: str = "deq", fusion_kwargs: dict | None = None, dim: int = PAPER_MMIMDB["dim"],
+        epochs: int = 1000, limit: int | None = None, batch_size: int = PAPER_MMIMDB["batch_size"], workers: int = 0,
         save: str | Path = "best_deq_mmimdb.pt", seed: int = 0, **train_overrides) -> dict:
     """Train with ``train_paper_mmimdb``, reload the validation-selected checkpoint, evaluate valid and test."""
     torch.manual_seed(seed)
     train_dl, valid_dl, test_dl = dataloaders(data, root, batch_size, limit, workers)
-    encoders, fuse, head = build_model(fusion, root=root, **dict(fusion_kwargs or {}))
+    encoders, fuse, head = build_model(fusion, dim, root=root, **dict(fusion_kwargs or {}))
     train_paper_mmimdb(encoders, fuse, head, train_dl, valid_dl, epochs, save=str(save), root=root, **train_overrides)
 
     single_test = import_multibench("training_structures.Supervised_Learning", root).single_test
@@ -132,6 +132,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion", default="deq", help="registry name (deq, concat, low_rank_tensor, ...)")
     p.add_argument("--fusion-arg", action="append", type=parse_fusion_option, default=[], metavar="KEY=VALUE",
                    help="fusion keyword, e.g. output_dim=512 (repeatable)")
+    p.add_argument("--dim", type=int, default=PAPER_MMIMDB["dim"], help="encoder output and DEQ width")
     p.add_argument("--epochs", type=int, default=1000, help="cap; train stops early on validation macro-F1")
     p.add_argument("--limit", type=int, help="use only the first N rows of each split (quick smoke run)")
     p.add_argument("--batch-size", type=int, default=PAPER_MMIMDB["batch_size"])
@@ -153,7 +154,8 @@ def main(argv: Sequence[str] | None = None, root=None, fusion_options: dict | No
     jac_weight = args.jac_weight if args.jac_weight is not None else options.pop("jac_weight", PAPER_MMIMDB["jac_weight"])
     options.pop("jac_weight", None)
     fusion_kwargs = {**(options if args.fusion == "deq" else {}), **dict(args.fusion_arg)}
-    result = run(args.data, args.root or root, fusion=args.fusion, fusion_kwargs=fusion_kwargs, epochs=args.epochs,
+    result = run(args.data, args.root or root, fusion=args.fusion, fusion_kwargs=fusion_kwargs, dim=args.dim,
+                 epochs=args.epochs,
                  limit=args.limit, batch_size=args.batch_size, workers=args.workers, save=args.save, seed=args.seed,
                  lr=args.lr, weight_decay=args.weight_decay, fusion_lr_scale=args.fusion_lr_scale,
                  jac_weight=jac_weight, clip_val=args.clip)
