@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deqfusion_core import Integration, hookimpl, run_path_as_main
+from deqfusion_core import Integration, hookimpl, prepend_sys_path, run_path_as_main
 
 
 class MultiBenchIntegration(Integration):
@@ -44,7 +44,7 @@ class MultiBenchIntegration(Integration):
 
             script = Path(argv[0])
             script = script if script.is_absolute() else upstream.root / script
-            with shims(), full_torch_load():
+            with prepend_sys_path(upstream.root), shims(), full_torch_load():  # the checkout's modules import
                 return run_path_as_main(script, argv[1:], cwd=upstream.root)
         from .mmimdb import main
 

@@ -1,0 +1,144 @@
+"""MultiBench's own train() and test() with the registry's fusions, on a generated file in MM-IMDB's layout.
+
+Needs a MultiBench checkout (pliang279/MultiBench) in DEQFUSION_MULTIBENCH_ROOT.
+"""
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = os.environ.get("DEQFUSION_MULTIBENCH_ROOT")
+pytestmark = pytest.mark.skipif(not ROOT, reason="DEQFUSION_MULTIBENCH_ROOT not set: no MultiBench checkout")
+h5py = pytest.importorskip("h5py")
+
+from deqfusion_adapters.multibench import compat, create, import_multibench, mmimdb, train_paper_mmimdb  # noqa: E402
+
+ROWS, WIDTH, BATCH = 32, 16, 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return mmimdb.write_synthetic(tmp_path_factory.mktemp("mmimdb") / "multimodal_imdb.hdf5", rows_per_split=ROWS)
+
+
+def loaders(data):
+    return mmimdb.dataloaders(data, ROOT, batch_size=BATCH, limit=ROWS)
+
+
+def small_model(fusion_name, **kwargs):
+    models = import_multibench("unimodals.common_models", ROOT)
+    encoders = [models.MaxOut_MLP(WIDTH, 32, 300, WIDTH, False), models.MaxOut_MLP(WIDTH, 32, 4096, WIDTH, False)]
+    fusion = create(fusion_name, [WIDTH, WIDTH], **kwargs)
+    return encoders, fusion, models.Linear(fusion.output_dim, 23)
+
+
+def train_one_epoch(data, tmp_path, fusion_name, seed=0, **kwargs):
+    """One epoch of MultiBench's train with the paper's setting; returns (model pieces, train kwargs)."""
+    deq_kwargs = dict(dim=WIDTH, f_max_iter=8, b_max_iter=8) if fusion_name == "deq" else dict(root=ROOT, output_dim=WIDTH)
+    torch.manual_seed(seed)
+    encoders, fusion, head = small_model(fusion_name, **deq_kwargs)
+    train_dl, valid_dl, _ = loaders(data)
+    used = train_paper_mmimdb(encoders, fusion, head, train_dl, valid_dl, 1, save=str(tmp_path / "best.pt"),
+                              root=ROOT, track_complexity=False, **kwargs)
+    return (encoders, fusion, head), used
+
+
+def multibench_test(data, tmp_path, capsys):
+    """MultiBench's own test() on the checkpoint train() saved; returns its printed F1 line."""
+    supervised = import_multibench("training_structures.Supervised_Learning", ROOT)
+    model = compat.load_model(tmp_path / "best.pt")
+    capsys.readouterr()
+    supervised.test(model, loaders(data)[2], no_robust=True, criterion=nn.BCEWithLogitsLoss(), task="multilabel")
+    return capsys.readouterr().out
+
+
+def flat(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def test_deq_trains_with_multibench_train_and_test(data, tmp_path, capsys):
+    (encoders, fusion, head), used = train_one_epoch(data, tmp_path, "deq")
+    fusion_params = {id(p) for p in fusion.parameters()}
+    groups = used["optimtype"].optimizer.param_groups
+    own = [g for g in groups if {id(p) for p in g["params"]} == fusion_params]
+    assert len(groups) == 2 and len(own) == 1
+    assert own[0]["lr"] == pytest.approx(1e-4)  # the paper's 0.1 x 1e-3
+    assert [g["lr"] for g in groups if g is not own[0]] == [pytest.approx(1e-3)]
+    assert used["objective"].last_jac_loss is not None and used["objective"].last_jac_loss > 0
+    assert "f1_micro" in multibench_test(data, tmp_path, capsys)
+
+
+def test_jacobian_term_changes_the_gradients(data, tmp_path):
+    # Same seed, same data order, same Hutchinson probes: only the Jacobian term's weight differs.
+    runs = {w: flat(train_one_epoch(data, tmp_path, "deq", jac_weight=w)[0][1]) for w in (0.0, 0.1)}
+    again = flat(train_one_epoch(data, tmp_path, "deq", jac_weight=0.0)[0][1])
+    assert torch.equal(runs[0.0], again)  # the comparison is deterministic ...
+    assert not torch.allclose(runs[0.0], runs[0.1])  # ... so the difference is the Jacobian term's gradient
+
+
+def test_multibench_fusion_trains_with_its_own_learning_rate(data, tmp_path, capsys):
+    (_, fusion, _), used = train_one_epoch(data, tmp_path, "multiplicative_interactions")
+    assert type(fusion).__name__ == "MultiplicativeInteractions2Modal" and fusion.output_dim == WIDTH
+    own = [g for g in used["optimtype"].optimizer.param_groups if g["lr"] == pytest.approx(1e-4)]
+    assert [len(g["params"]) for g in own] == [len(list(fusion.parameters()))]
+    assert "f1_micro" in multibench_test(data, tmp_path, capsys)
+
+
+CASES = {  # name: (input dims, kwargs, fused shape per sample)
+    "concat": ([4, 6], {}, 10), "concat_linear": ([4, 6], {"output_dim": 5}, 5), "tensor": ([2, 3], {}, 12),
+    "low_rank_tensor": ([4, 6], {"output_dim": 5, "rank": 2}, 5), "stack": ([4, 4], {}, (4, 2)),
+    "multiplicative_interactions": ([4, 6], {"output_dim": 5}, 5),
+    "multiplicative_interactions_3modal": ([4, 6, 3], {"output_dim": 5}, 5),
+    "nl_gate": ([6, 6], {"thw_dim": 3, "c_dim": 2, "tf_dim": 3}, 6), "deq": ([4, 4], {"f_max_iter": 4}, 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_output_dim_is_the_width_the_head_gets(name):
+    dims, kwargs, width = CASES[name]
+    fusion = create(name, dims, **({} if name == "deq" else {"root": ROOT}), **kwargs)
+    out = fusion([torch.randn(3, d) for d in dims])
+    out = out[0] if type(out) is tuple else out
+    assert fusion.output_dim == width and tuple(out.shape[1:]) == (width if isinstance(width, tuple) else (width,))
+
+
+def test_shims_apply_only_where_needed():
+    models = import_multibench("unimodals.common_models", ROOT)
+    get_data = import_multibench("datasets.imdb.get_data", ROOT)
+    if compat.import_error("torchvision") is not None:
+        assert "torchvision" in compat.applied
+        with pytest.raises(ImportError, match="torchvision.*ResNet/VGG encoders"):
+            models.tmodels.resnet18(pretrained=False)
+    else:
+        assert not isinstance(models.torchvision, compat.Unavailable)
+    if compat.import_error("gensim.models") is not None:
+        with pytest.raises(ImportError, match="KeyedVectors.load_word2vec_format is not available"):
+            get_data.KeyedVectors.load_word2vec_format("vectors.bin", binary=True)
+    assert not any(isinstance(m, compat.Unavailable) for m in list(__import__("sys").modules.values()))
+
+
+def test_runner_through_the_cli(data, tmp_path):
+    from deqfusion_core.cli import main
+
+    out = tmp_path / "result.json"
+    code = main(["run", "multibench", "--upstream", ROOT, "--f-max-iter", "6", "--b-max-iter", "6", "--",
+                 "--data", str(data), "--limit", str(ROWS), "--epochs", "1", "--dim", str(WIDTH),
+                 "--batch-size", str(BATCH), "--save", str(tmp_path / "best.pt"), "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0 and result["limit"] == ROWS and result["solver"]["nstep"] <= 6
+    assert all(0.0 <= result[s][k] <= 1.0 for s in ("valid", "test") for k in ("micro", "macro"))
+
+
+def test_launching_a_multibench_script(tmp_path, capsys):
+    from deqfusion_core.cli import main
+
+    script = tmp_path / "script.py"  # what MultiBench's example scripts do: import its modules, torch.load bare
+    script.write_text("import sys, torch\n"
+                      "from unimodals.common_models import Linear\n"
+                      "from datasets.imdb.get_data import get_dataloader\n"
+                      "torch.save(Linear(2, 3), sys.argv[1])\n"
+                      "print('loaded', type(torch.load(sys.argv[1])).__name__)\n")
+    assert main(["run", "multibench", "--upstream", ROOT, "--", str(script), str(tmp_path / "m.pt")]) == 0
+    assert "loaded Linear" in capsys.readouterr().out
