@@ -72,3 +72,12 @@ def shim_cuda_on_cpu() -> bool:
     torch.nn.Module.cuda = module_cuda
     APPLIED.add("cuda->cpu")
     return True
+
+
+def split_fusion_options(options: dict | None) -> tuple[dict, float]:
+    """``deqfusion run`` options -> (DEQFusion keyword arguments, Jacobian-term weight), checking the weight."""
+    options = dict(options or {})
+    jac_weight = float(options.pop("jac_weight", 0.0))
+    if jac_weight < 0:
+        raise ValueError(f"jac_weight: must be >= 0, got {jac_weight}")
+    return options, jac_weight

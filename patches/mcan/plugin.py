@@ -187,12 +187,8 @@ class McanIntegration(Integration):
     repository = "MILVLG/mcan-vqa"
 
     def apply(self, upstream, options: dict[str, Any] | None = None) -> None:
-        options = dict(options or {})
-        SETTINGS["jac_weight"] = float(options.pop("jac_weight", 0.0))
-        if SETTINGS["jac_weight"] < 0:
-            raise ValueError(f"jac_weight: must be >= 0, got {SETTINGS['jac_weight']}")
-        SETTINGS["glove"] = options.pop("glove", None)
-        SETTINGS["fusion"] = options
+        SETTINGS["fusion"], SETTINGS["jac_weight"] = vqa_compat.split_fusion_options(options)
+        SETTINGS["glove"] = SETTINGS["fusion"].pop("glove", None)
         if self.applied:
             return
         root = upstream.require().root
