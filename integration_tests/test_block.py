@@ -149,6 +149,12 @@ def test_deq_fusion_defaults_from_the_command_line_and_bad_options():
                           "f_max_iter": 3})
         assert fusion.deq.f_max_iter == 3                 # the options file wins over the command line
         assert fusion.deq.jac_weight == 0.0               # weighted by the criterion, never inside DEQFusion too
+        mutan_keys = {"rank": 15, "shared": False, "normalize": False, "dropout_pre_lin": 0.1}
+        fusion = factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "mm_dim": 8, "num_groups": 2,
+                          **mutan_keys})                  # a `type: mutan` block switched by its type alone
+        assert fusion.output_dim == 3
+        with pytest.raises(TypeError, match="rnak"):
+            factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "rnak": 15})   # typos still fail
         with pytest.raises(ValueError, match="output_dim"):
             factory({"type": "deq", "input_dims": [8, 12], "output_dim": 0})
         with pytest.raises(ValueError, match="num_groups"):

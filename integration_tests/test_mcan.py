@@ -109,7 +109,8 @@ import sys, torch
 from deqfusion_core import Upstream
 from deqfusion_patches.mcan import plugin
 from pathlib import Path
-plugin.INTEGRATION.apply(Upstream("mcan", True, Path(sys.argv[1])), {"jac_weight": float(sys.argv[2]), "f_max_iter": 8})
+plugin.INTEGRATION.apply(Upstream("mcan", True, Path(sys.argv[1])),
+                         {"jac_weight": float(sys.argv[2]), "f_max_iter": 8, "baseline": sys.argv[3] == "1"})
 from cfgs.base_cfgs import Cfgs
 from core.model.net import Net
 cfg = Cfgs()
@@ -123,8 +124,8 @@ target = torch.rand(5, 7).round()
 pred = net(img, ques)
 loss = torch.nn.BCELoss(reduction="sum")(pred, target)
 loss.backward()
-print("GRAD", net.deq_fusion.weights.grad.tolist())
 print("KEYS", any(k.startswith("deq_fusion.") for k in net.state_dict()))
+print("GRAD", net.deq_fusion.weights.grad.tolist() if hasattr(net, "deq_fusion") else None)
 """
 
 
@@ -134,12 +135,17 @@ def test_jacobian_term_reaches_the_summed_loss(tmp_path, checkout):
     script.write_text(JAC_CHECK)
     grads = []
     for weight in ("0", "1.0"):
-        out = subprocess.run([sys.executable, str(script), str(checkout), weight], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, str(script), str(checkout), weight, "0"], capture_output=True, text=True,
                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, cwd=checkout, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "KEYS True" in out.stdout
         grads.append(eval(out.stdout.split("GRAD", 1)[1].splitlines()[0]))
     assert grads[0] != pytest.approx(grads[1], rel=1e-4)
+
+    baseline = subprocess.run([sys.executable, str(script), str(checkout), "0", "1"], capture_output=True, text=True,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, cwd=checkout, timeout=300)
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    assert "KEYS False" in baseline.stdout        # -o baseline=True: shims only, the upstream's sum fusion
 
 
 def test_read_glove_keeps_named_words_and_reports_a_missing_file(tmp_path):

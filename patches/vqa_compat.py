@@ -77,7 +77,13 @@ def shim_cuda_on_cpu() -> bool:
 def split_fusion_options(options: dict | None) -> tuple[dict, float]:
     """``deqfusion run`` options -> (DEQFusion keyword arguments, Jacobian-term weight), checking the weight."""
     options = dict(options or {})
+    options.pop("baseline", None)
     jac_weight = float(options.pop("jac_weight", 0.0))
     if jac_weight < 0:
         raise ValueError(f"jac_weight: must be >= 0, got {jac_weight}")
     return options, jac_weight
+
+
+def is_baseline(options: dict | None) -> bool:
+    """``-o baseline=True``: apply the shims only, keep the upstream's own fusion (the comparison run)."""
+    return bool((options or {}).get("baseline", False))

@@ -69,9 +69,19 @@ class DEQBlockFusion(nn.Module):
         return z
 
 
+# Keys of block's own fusions that DEQ fusion has no use for: dropped (and logged), so that an options file
+# switches from `type: mutan` (or block, mlb, ...) to `type: deq` with that one key changed.
+BLOCK_ONLY_KEYS = ("rank", "chunks", "shared", "normalize", "dropout_pre_lin", "pos_norm", "mm_dim_out",
+                   "activ_input", "activ_output", "dimensions")
+
+
 def deq_fusion_from_options(opt: dict) -> DEQBlockFusion:
     opt = dict(copy.copy(opt))
     opt.pop("type", None)
+    dropped = {k: opt.pop(k) for k in BLOCK_ONLY_KEYS if k in opt}
+    if dropped:
+        from bootstrap.lib.logger import Logger
+        Logger()(f"fusion type deq: ignoring options of block's fusions {sorted(dropped)}")
     return DEQBlockFusion(**{**DEFAULTS, **opt})
 
 

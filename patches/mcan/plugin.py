@@ -206,7 +206,8 @@ class McanIntegration(Integration):
         if glove_shim:
             patch_glove(data_utils, load_data)
         patch_paths(Cfgs)
-        patch_net(Net)
+        if not vqa_compat.is_baseline(options):
+            patch_net(Net)
         self.applied = True
 
     def launch(self, upstream, argv: Sequence[str]) -> int:

@@ -170,7 +170,8 @@ class MutanIntegration(Integration):
             else:
                 load_rewritten("vqa.lib.engine", engine_path, ENGINE_REWRITES)
             from vqa.models import att, noatt
-        patch_models(att, noatt)
+        if not vqa_compat.is_baseline(options):
+            patch_models(att, noatt)
         self.applied = True
 
     def launch(self, upstream, argv: Sequence[str]) -> int:
