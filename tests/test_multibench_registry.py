@@ -148,3 +148,11 @@ def test_mmimdb_file_is_checked(tmp_path):
         assert {k: f[k].shape for k in mmimdb.LAYOUT} == {k: (25959, w) for k, w in mmimdb.LAYOUT.items()}
         assert f["genres"][18160:18164].any() and not f["genres"][18164:18170].any()
     assert good.stat().st_size < 20_000_000  # unwritten rows take no space
+
+
+def test_runner_names_a_bad_data_file(tmp_path, capsys):
+    pytest.importorskip("h5py")
+    from deqfusion_adapters.multibench import mmimdb
+
+    assert mmimdb.main(["--data", str(tmp_path / "missing.hdf5")]) == 2
+    assert "--data:" in capsys.readouterr().err

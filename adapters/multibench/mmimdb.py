@@ -154,6 +154,11 @@ def main(argv: Sequence[str] | None = None, root=None, fusion_options: dict | No
     jac_weight = args.jac_weight if args.jac_weight is not None else options.pop("jac_weight", PAPER_MMIMDB["jac_weight"])
     options.pop("jac_weight", None)
     fusion_kwargs = {**(options if args.fusion == "deq" else {}), **dict(args.fusion_arg)}
+    try:
+        check_file(args.data)
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"deqfusion run multibench: {exc}", file=sys.stderr)
+        return 2
     result = run(args.data, args.root or root, fusion=args.fusion, fusion_kwargs=fusion_kwargs, dim=args.dim,
                  epochs=args.epochs,
                  limit=args.limit, batch_size=args.batch_size, workers=args.workers, save=args.save, seed=args.seed,
