@@ -100,8 +100,8 @@ def test_fusion_gets_its_own_learning_rate():
 
 
 def test_shim_stands_in_only_for_what_is_missing(monkeypatch):
-    monkeypatch.setitem(compat.STAND_INS, "deqfusion_no_such_pkg", ("deqfusion_no_such_pkg", "a test", ("sub",)))
-    monkeypatch.setitem(compat.STAND_INS, "json", ("json", "a test", ()))
+    monkeypatch.setitem(compat.STAND_INS, "deqfusion_no_such_pkg", (("json", "deqfusion_no_such_pkg"), "a test", ("sub",)))
+    monkeypatch.setitem(compat.STAND_INS, "json", (("json",), "a test", ()))
     with compat.shims():
         from deqfusion_no_such_pkg import sub  # noqa: F401  (what MultiBench's top-level imports do)
         from deqfusion_no_such_pkg.sub import Thing

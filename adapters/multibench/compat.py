@@ -69,11 +69,11 @@ class Missing:
         return f"<unavailable {self._name}>"
 
 
-# module name -> (the import that must work, what MultiBench needs it for, stand-in submodules)
+# module name -> (the imports that must work, what MultiBench needs it for, stand-in submodules)
 STAND_INS = {
-    "torchvision": ("torchvision", "the ResNet/VGG encoders of unimodals.common_models", ("models",)),
-    "gensim": ("gensim.models", "re-extracting MM-IMDB text features (get_dataloader(no_robust=False))", ("models",)),
-    "datasets.imdb.vgg": ("theano", "re-extracting MM-IMDB image features (get_dataloader(no_robust=False))", ()),
+    "torchvision": (("torchvision",), "the ResNet/VGG encoders of unimodals.common_models", ("models",)),
+    "gensim": (("gensim.models",), "re-extracting MM-IMDB text features (get_dataloader(no_robust=False))", ("models",)),
+    "datasets.imdb.vgg": (("theano", "blocks.bricks"), "re-extracting MM-IMDB image features (get_dataloader(no_robust=False))", ()),
 }
 
 
@@ -81,10 +81,10 @@ STAND_INS = {
 def shims():
     """While MultiBench imports: stand-ins for its unusable top-level imports (see the module docstring)."""
     added = []
-    for name, (probe, needed_for, subs) in STAND_INS.items():
+    for name, (probes, needed_for, subs) in STAND_INS.items():
         if name in sys.modules:
             continue
-        reason = import_error(probe)
+        reason = next(filter(None, map(import_error, probes)), None)
         if reason is None:
             continue
         for full in (name, *(f"{name}.{s}" for s in subs)):
