@@ -307,6 +307,9 @@ class DEQFusion(nn.Module):
             out = fz
         return self._output(out, stats, jac)
 
+    # torch.compile: the solver's data-dependent loop (per-sample stopping changes shapes every few steps)
+    # is kept out of the compiled graph; the projections, x_fuse and the final f application are compiled.
+    @torch.compiler.disable
     def _solve(self, z0, inj, gate_means) -> SolveResult:
         cache = {"rows": None, "inj": inj}
         gates = None if gate_means is None else z0.new_zeros(z0.shape[0], self.num_modalities, dtype=torch.float32)
@@ -332,6 +335,7 @@ class DEQFusion(nn.Module):
         independent. Converged samples stop; once the running ones are at most half of those in the
         current graph, f is re-applied to them alone, so later VJPs cost in proportion to them.
         """
+        @torch.compiler.disable
         def backward_solve(vjp, grad):
             grad = grad.detach()
             g_init = torch.zeros_like(grad) if g0 is None else g0.to(grad)

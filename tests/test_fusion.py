@@ -251,11 +251,17 @@ def test_bfloat16_autocast_runs():
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
 
 
-def test_torch_compile_runs_with_graph_breaks():
-    m = model(torch.float32, f_tol=1e-4, f_max_iter=30)
-    xs = inputs(DIMS)
-    compiled = torch.compile(m, backend="eager")   # the solver loop's stopping test is a graph break
-    torch.testing.assert_close(compiled(xs).fused, m(xs).fused)
+def test_torch_compile_runs_forward_and_backward():
+    m = model(torch.float32, f_tol=1e-4, f_max_iter=30, b_tol=1e-4, b_max_iter=30)
+    xs = inputs(DIMS, requires_grad=True)
+    compiled = torch.compile(m)   # the solver loops are excluded from the graph (torch.compiler.disable)
+    out = compiled(xs)
+    out.fused.sum().backward()
+    g_compiled = [p.grad.clone() for p in m.parameters()]
+    ref, g_eager = grads(m, xs, loss_fn=lambda fused: fused.sum())
+    torch.testing.assert_close(out.fused, ref.fused, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.cuda
