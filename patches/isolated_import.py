@@ -1,0 +1,27 @@
+"""Import a git-only upstream's top-level modules (``model``, ``utils``, ...) without leaving them in
+``sys.modules`` under those generic names, so that two upstreams with a ``model.py`` coexist in one process."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from deqfusion_core import prepend_sys_path
+
+
+def import_isolated(root: str | Path, names: list[str]) -> dict[str, ModuleType]:
+    """Import ``names`` (in order) from the checkout at ``root``; whatever ``sys.modules`` held under those
+    names before is put back afterwards. Modules import each other normally while this runs."""
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    try:
+        with prepend_sys_path(root):
+            mods = {n: importlib.import_module(n) for n in names}
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+    for n, m in mods.items():
+        if Path(m.__file__).resolve().parent != Path(root).resolve():
+            raise RuntimeError(f"{n!r} was imported from {m.__file__}, not from the checkout {root}")
+    return mods
