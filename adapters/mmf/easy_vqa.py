@@ -16,6 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import compat
+
+compat.install()  # before the first `import mmf`
 from mmf.common.registry import registry
 from mmf.common.sample import Sample
 from mmf.datasets.base_dataset import BaseDataset

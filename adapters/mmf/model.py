@@ -15,16 +15,17 @@ updates and after each evaluation.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
+from . import compat
 from .fusion import DEQFusionMMF, build_fusion
 
-try:
-    from mmf.common.registry import registry
-    from mmf.models.base_model import BaseModel
-except ImportError as exc:  # pragma: no cover - imported only through deqfusion_adapters.mmf.register()
-    raise ImportError("deqfusion_adapters.mmf.model needs MMF: call deqfusion_adapters.mmf.register()") from exc
+compat.install()  # before the first `import mmf`
+from mmf.common.registry import registry  # noqa: E402
+from mmf.models.base_model import BaseModel  # noqa: E402
 
 
 class CNNEncoder(nn.Module):
@@ -94,7 +95,10 @@ class FusionClassifier(BaseModel):
 
         return str(CONFIG_DIR / "models" / "fusion_classifier.yaml")
 
+    last_built = None  # weakref to the latest instance, for `deqfusion mmf-demo` after MMF's run returns
+
     def build(self):
+        type(self).last_built = weakref.ref(self)
         key = f"model_config.{self.config.get('model', 'fusion_classifier')}"
         encoders = self.config.get("encoders", None)
         if not encoders:

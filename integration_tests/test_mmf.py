@@ -1,0 +1,124 @@
+"""Real MMF 1.0.0rc10 (from PyPI) training runs, in subprocesses with tiny settings: through
+`deqfusion run mmf` and through plain `mmf_run ... env.user_dir=...`, with `fusion: deq` and MMF's built-in
+`linear_sum`, on easy-VQA (data shipped in the `easy-vqa` package)."""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("mmf") is None or importlib.util.find_spec("easy_vqa") is None:
+    pytest.skip("MMF or easy-vqa is not installed (./install.sh mmf)", allow_module_level=True)
+
+BIN = Path(sys.executable).parent
+TINY = ["model=fusion_classifier", "dataset=easy_vqa", "training.max_updates=4", "training.log_interval=2",
+        "training.checkpoint_interval=2", "training.evaluation_interval=2", "training.batch_size=16",
+        "dataset_config.easy_vqa.max_samples.train=96", "dataset_config.easy_vqa.max_samples.val=32",
+        "dataset_config.easy_vqa.max_samples.test=32"]
+
+
+def run(cmd, save_dir, env=None):
+    proc = subprocess.run([*cmd, f"env.save_dir={save_dir}"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    logs = "".join(p.read_text() for p in sorted((save_dir / "logs").glob("*.log"))) if save_dir.exists() else ""
+    return proc, logs
+
+
+def assert_full_run(proc, logs, save_dir):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Starting training" in logs
+    assert re.search(r"progress: 4/4, train/total_loss", logs)
+    assert "Checkpoint time. Saving a checkpoint." in logs and (save_dir / "models" / "model_4.ckpt").is_file()
+    assert re.search(r"val/easy_vqa/accuracy: [0-9.]+", logs)
+    assert "Starting inference on test set" in logs and re.search(r"test/easy_vqa/accuracy: [0-9.]+", logs)
+    assert "Finished run" in logs
+
+
+def fresh_model(fusion):
+    from omegaconf import OmegaConf
+
+    from deqfusion_adapters.mmf import CONFIG_DIR, register
+
+    register()
+    from deqfusion_adapters.mmf.model import FusionClassifier
+
+    cfg = OmegaConf.load(CONFIG_DIR / "models" / "fusion_classifier.yaml").model_config.fusion_classifier
+    exp = OmegaConf.load(CONFIG_DIR / "experiments" / f"easy_vqa_{fusion}.yaml").model_config.fusion_classifier
+    model = FusionClassifier(OmegaConf.merge(cfg, exp))
+    model.build()
+    return model
+
+
+def assert_checkpoint_reloads(save_dir, fusion, key):
+    import torch
+
+    state = torch.load(save_dir / "models" / "model_4.ckpt", map_location="cpu", weights_only=False)["model"]
+    assert key in state
+    model = fresh_model(fusion)
+    assert not torch.equal(model.state_dict()[key], state[key])
+    model.load_state_dict(state)  # strict: every fusion parameter is in the checkpoint
+    assert torch.equal(model.state_dict()[key], state[key])
+
+
+def test_deqfusion_run_mmf_with_deq(tmp_path):
+    save = tmp_path / "save"
+    proc, logs = run([str(BIN / "deqfusion"), "run", "mmf", "--f-max-iter", "6", "--b-max-iter", "6", "--",
+                      "config=easy_vqa_deq", *TINY], save)
+    assert_full_run(proc, logs, save)
+    # the Jacobian term is a loss entry, and MMF's total loss is its sum with the cross entropy
+    m = re.search(r"train/total_loss: ([0-9.]+), .*?train/easy_vqa/cross_entropy: ([0-9.]+), .*?"
+                  r"train/easy_vqa/deq_jacobian: ([0-9.]+)", logs)
+    assert m, logs[-2000:]
+    total, ce, jac = map(float, m.groups())
+    assert jac > 0 and abs(total - (ce + jac)) < 2e-4
+    # solver statistics in MMF's log, with the cap given on deqfusion's command line
+    assert re.search(r"deq solver \(update 2\): 2 solves, mean steps [0-9.]+/6, max rel residual", logs)
+    assert re.search(r"deq solver \(evaluation\)", logs)
+    assert_checkpoint_reloads(save, "deq", "fusion.deq.fusion.gate.weight")
+
+
+def test_plain_mmf_run_with_user_dir_and_builtin_fusion(tmp_path):
+    user_dir = subprocess.run([str(BIN / "deqfusion"), "mmf-user-dir"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    from deqfusion_adapters.mmf import CONFIG_DIR
+
+    save = tmp_path / "save"
+    # rc10 cannot even `import mmf` on this stack without the shims: the user dir on PYTHONPATH installs them at
+    # start-up (its sitecustomize.py); env.user_dir then registers deqfusion's fusion, model and dataset.
+    proc, logs = run([str(BIN / "mmf_run"), f"config={CONFIG_DIR / 'experiments' / 'easy_vqa_linear_sum.yaml'}",
+                      *TINY, f"env.user_dir={user_dir}"], save, env={"PYTHONPATH": user_dir})
+    assert_full_run(proc, logs, save)
+    assert "deq_jacobian" not in logs and "deq solver" not in logs
+    assert_checkpoint_reloads(save, "linear_sum", "fusion.linear0.weight")
+
+
+def test_mmf_user_dir_env_var_and_deq(tmp_path):
+    user_dir = str(Path(__file__).parents[1] / "adapters" / "mmf" / "deqfusion_mmf")
+    from deqfusion_adapters.mmf import USER_DIR
+
+    save = tmp_path / "save"
+    proc, logs = run([str(BIN / "mmf_run"), f"config={USER_DIR.parent / 'configs/experiments/easy_vqa_deq.yaml'}",
+                      *TINY[:2], "training.max_updates=2", "training.log_interval=1", "training.batch_size=8",
+                      "dataset_config.easy_vqa.max_samples.train=16", "dataset_config.easy_vqa.max_samples.val=8",
+                      "dataset_config.easy_vqa.max_samples.test=8", "run_type=train"],
+                     save, env={"PYTHONPATH": str(USER_DIR), "MMF_USER_DIR": str(USER_DIR)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train/easy_vqa/deq_jacobian" in logs and Path(user_dir).resolve() == USER_DIR.resolve()
+
+
+@pytest.mark.parametrize("fusion,match", [
+    ("{type: nope, params: {}}", r"model_config\.fusion_classifier\.fusion\.type: unknown fusion 'nope'"),
+    ("{type: mutan, params: null}", r"model_config\.fusion_classifier\.fusion\.params: missing"),
+])
+def test_bad_fusion_config_names_the_key(tmp_path, fusion, match):
+    from deqfusion_adapters.mmf import CONFIG_DIR
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"includes: [{CONFIG_DIR / 'experiments' / 'easy_vqa_common.yaml'}]\n"
+                      f"model_config: {{fusion_classifier: {{fusion: {fusion}}}}}\n")
+    proc, _ = run([str(BIN / "deqfusion"), "run", "mmf", "--", f"config={config}", *TINY], tmp_path / "save")
+    assert proc.returncode != 0
+    assert re.search(match, proc.stderr), proc.stderr[-3000:]

@@ -1,0 +1,119 @@
+"""Unit tests of deqfusion_adapters.mmf's own logic: the shims' conditions and effects, the fusion builder's
+errors, the DEQ fusion's MMF convention. The real MMF runs are in integration_tests/test_mmf.py."""
+import collections
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+if importlib.util.find_spec("mmf") is None:  # not importorskip: `import mmf` needs the shims first
+    pytest.skip("MMF is not installed (./install.sh)", allow_module_level=True)
+from deqfusion_adapters.mmf import compat, register  # noqa: E402
+
+register()
+
+
+def test_every_needed_shim_applied_and_mmf_imports():
+    import mmf.common.registry  # noqa: F401 - would raise without the shims on this stack
+
+    assert collections.Mapping is collections.abc.Mapping
+    import demjson
+
+    assert demjson.decode('{"a": 1}') == {"a": 1}
+    from transformers.modeling_bert import BertLayerNorm  # noqa: F401 - alias of the moved module
+    from transformers.optimization import AdamW
+
+    opt = AdamW([torch.nn.Parameter(torch.zeros(1))])
+    assert opt.defaults["weight_decay"] == 0.0          # transformers' old default, not torch's 0.01
+    from torchtext import vocab
+
+    assert vocab.pretrained_aliases == {}
+    assert "defaults_config" in compat.applied
+    from mmf.utils.configuration import get_default_config_path
+
+    assert get_default_config_path() == str(compat.DEFAULTS)
+
+
+def test_shims_are_conditional(monkeypatch):
+    # present things are left alone
+    monkeypatch.setattr(collections, "Mapping", collections.abc.Mapping, raising=False)
+    assert compat.shim_collections_aliases() is False
+    fake = types.ModuleType("torchtext")
+    monkeypatch.setitem(sys.modules, "torchtext", fake)
+    monkeypatch.setattr(compat, "_missing", lambda name: False)
+    assert compat.shim_torchtext() is False and sys.modules["torchtext"] is fake
+    assert compat.shim_demjson() is False
+    assert compat.shim_transformers_modules() is False
+
+
+def test_builder_shim_only_when_missing():
+    class WithIt:
+        class BaseDatasetBuilder:
+            def update_registry_for_model(self, config):
+                return "own"
+
+    assert compat.patch_dataset_builder(WithIt) == []
+    assert WithIt.BaseDatasetBuilder().update_registry_for_model(None) == "own"
+
+
+def test_unavailable_stand_in_says_why():
+    mod = compat._Unavailable("thing", "because")
+    with pytest.raises(ImportError, match="because"):
+        mod.anything
+
+
+def test_env_resolver_in_defaults():
+    from mmf.utils.configuration import Configuration
+
+    config = Configuration().get_config()
+    assert config.env.user_dir in ("", None) or isinstance(config.env.user_dir, str)
+    assert config.training.device == "cpu" and config.checkpoint.resume is False
+
+
+def test_deq_in_registry_with_mmf_convention():
+    from mmf.common.registry import registry
+
+    mapping = registry.mapping["fusion_name_mapping"]
+    assert {"deq", "mutan", "linear_sum", "block"} <= set(mapping)
+    fusion = mapping["deq"]([6, 10], 8, num_groups=2, f_max_iter=5)
+    out = fusion([torch.randn(3, 6), torch.randn(3, 10)])
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 8)
+    assert fusion.last_stats.nstep >= 1
+
+
+def test_deq_attaches_jacobian_when_model_does_not_report_it():
+    from deqfusion_adapters.mmf.fusion import DEQFusionMMF
+
+    torch.manual_seed(0)
+    xs = [torch.randn(4, 8), torch.randn(4, 8)]
+    grads = []
+    for weight in (0.0, 5.0):
+        torch.manual_seed(1)
+        f = DEQFusionMMF([8, 8], 8, jac_weight=weight, num_groups=2, f_max_iter=5)
+        f(xs).sum().backward()
+        grads.append(f.deq.fusion.gate.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (None, "fusion: missing"),
+    ({"params": {}}, r"fusion\.type: missing"),
+    ({"type": "nope", "params": {}}, r"fusion\.type: unknown fusion 'nope'.*deq"),
+    ({"type": "deq"}, r"fusion\.params: missing"),
+    ({"type": "linear_sum", "params": {"bogus": 1}}, r"fusion\.params\.bogus"),
+    ({"type": "deq", "params": {"num_groups": 3}}, r"fusion\.params.*num_groups"),
+])
+def test_build_fusion_errors_name_the_key(cfg, match):
+    from deqfusion_adapters.mmf.fusion import build_fusion
+
+    with pytest.raises((KeyError, ValueError), match=match):
+        build_fusion(cfg, [8, 8], 8, key="fusion")
+
+
+def test_packaged_config_name_resolves():
+    from deqfusion_adapters.mmf.plugin import resolve_config_opts
+
+    out = resolve_config_opts(["config=easy_vqa_deq", "model=fusion_classifier"])
+    assert out[0].endswith("configs/experiments/easy_vqa_deq.yaml") and out[1] == "model=fusion_classifier"
