@@ -135,7 +135,7 @@ class FusionClassifier(BaseModel):
         log.add(stats)
         if self.training:
             interval = int(registry.get("config").training.log_interval or 1) if registry.get("config") else 1
-            updates = (registry.get("num_updates") or 0) + 1
+            updates = (registry.get("num_updates", 0, no_warning=True) or 0) + 1
             if updates % interval == 0:
                 self._write(log.flush(f"update {updates}"))
 
