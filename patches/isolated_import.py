@@ -2,6 +2,7 @@
 ``sys.modules`` under those generic names, so that two upstreams with a ``model.py`` coexist in one process."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from pathlib import Path
@@ -25,3 +26,19 @@ def import_isolated(root: str | Path, names: list[str]) -> dict[str, ModuleType]
         if Path(m.__file__).resolve().parent != Path(root).resolve():
             raise RuntimeError(f"{n!r} was imported from {m.__file__}, not from the checkout {root}")
     return mods
+
+
+@contextlib.contextmanager
+def provided(mods: dict[str, ModuleType]):
+    """Put ``mods`` in ``sys.modules`` for the duration (an upstream script importing ``model`` gets the
+    patched one), then restore what was there."""
+    saved = {n: sys.modules.get(n) for n in mods}
+    sys.modules.update(mods)
+    try:
+        yield
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m

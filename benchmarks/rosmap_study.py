@@ -1,0 +1,207 @@
+"""ROSMAP study: MM-Dynamics (concatenation) vs MM-Dynamics + DEQ fusion, over seeds, under both protocols.
+
+Each (model, protocol, seed) is one run of the upstream training script (``train_test.train``) through the
+mmdynamics integration, in a worker process with one torch thread (``--workers`` of them: 2 for 2 cores).
+Reported per model: accuracy / F1 / AUC mean +- std over seeds for
+
+- paper protocol, best test score of the periodic evaluations (the paper's selection: optimistic),
+- paper split, final epoch,
+- fair protocol (stratified seeded validation split off the training files), validation-selected epoch,
+- fair protocol, final epoch,
+
+and the wall time per training epoch. With ``DEQFUSION_REFERENCE_ROOT`` set, the DEQ model is also trained
+once with the paper authors' reference DEQ module in place of deqfusion's (time per epoch only).
+
+    DEQFUSION_MMDYNAMICS_ROOT=~/mmdynamics python benchmarks/rosmap_study.py --seeds 10 --epochs 300 \\
+        --out benchmarks/results/rosmap_study.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data" / "rosmap"
+ROWS = [("paper", "paper_best", "paper protocol: best test of the evaluations"),
+        ("paper", "final", "paper split: final epoch"),
+        ("fair", "val_selected", "fair protocol: validation-selected epoch"),
+        ("fair", "final", "fair protocol: final epoch")]
+_integ = None
+
+
+def _worker_init(root: str, fusion_options: dict) -> None:
+    global _integ
+    import torch
+
+    torch.set_num_threads(1)
+    from deqfusion_patches.mmdynamics import plugin
+
+    _integ = plugin.INTEGRATION
+    _integ.apply(_integ.locate(root), dict(fusion_options))
+
+
+def _one_run(task: dict) -> dict:
+    from deqfusion_patches.mmdynamics import protocol
+
+    argv = ["--data-folder", task["data"], "--fusion", task["fusion"], "--protocol", task["protocol"],
+            "--seed", str(task["seed"]), "--epochs", str(task["epochs"]), "--eval-every", str(task["eval_every"]),
+            "--modelpath", task["modelpath"], "--quiet"]
+    if task.get("hidden"):
+        argv += ["--hidden", str(task["hidden"])]
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):      # the per-run summary: collected in the table instead
+        summary = protocol.run(_integ.train_test, protocol.parse_args(argv), _integ.locate(task["root"]).root)
+    summary.pop("history", None)
+    summary["wall_s"] = time.perf_counter() - start
+    if task["fusion"] == "deq":
+        head = protocol.RUN["model"].MMClasifier
+        train_key = next(k for k, v in protocol.RUN["split_keys"].items() if v == "train")
+        stats = head.stats[train_key]
+        summary["deq_last_train_solve"] = {"nstep": stats.nstep, "rel_residual": stats.rel_residual,
+                                           "converged": stats.converged}
+    return summary
+
+
+def reference_epoch_time(root: str, data: str, epochs: int, hidden: int, options: dict) -> dict:
+    """Train the DEQ model for a few epochs with the reference module swapped in; time per epoch."""
+    import torch
+    from reference import load_reference
+
+    from deqfusion_core.jacobian import attach_aux_loss
+    from deqfusion_patches.mmdynamics import plugin, protocol
+
+    R = load_reference()
+
+    class ReferenceFusion(torch.nn.Module):     # the reference's DEQFusion behind deqfusion's call signature
+        def __init__(self, input_dims, dim, jac_weight=0.0, **_):
+            super().__init__()
+            self.ref = R.DEQFusion(dim, len(input_dims), f_thres=options.get("f_max_iter", 30),
+                                   b_thres=options.get("b_max_iter", 30), stop_mode="rel")
+            self.jac_weight = jac_weight
+
+        def forward(self, xs, z0=None):
+            fused, jac, _ = self.ref(list(xs))
+            if self.training:
+                fused = attach_aux_loss(fused, jac.mean(), self.jac_weight)
+            return fused, jac, _ReferenceStats()
+
+    class _ReferenceStats:
+        state, nstep, rel_residual, converged = None, -1, float("nan"), True
+
+    torch.set_num_threads(1)
+    integ = plugin.INTEGRATION
+    integ.apply(integ.locate(root), dict(options))
+    upstream_fusion = plugin.DEQHead.__init__
+
+    def __init__(self, views, hidden_, num_class, linear_layer, **fusion_options):
+        upstream_fusion(self, views, hidden_, num_class, linear_layer, **fusion_options)
+        self.deq_fusion = ReferenceFusion([hidden_] * views, hidden_, fusion_options.get("jac_weight", 0.0))
+
+    plugin.DEQHead.__init__ = __init__
+    try:
+        argv = ["--data-folder", data, "--epochs", str(epochs), "--eval-every", str(epochs), "--hidden", str(hidden),
+                "--modelpath", os.devnull + "_ref", "--quiet"]
+        summary = protocol.run(integ.train_test, protocol.parse_args(argv), integ.locate(root).root)
+    finally:
+        plugin.DEQHead.__init__ = upstream_fusion
+    return {"epochs": epochs + 1, "epoch_time_s": summary["epoch_time_s"]}
+
+
+def mean_std(values) -> str:
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():.3f} ± {values.std():.3f}"
+
+
+def table(results: list[dict], seeds: int) -> str:
+    lines = ["| model | protocol / reported epoch | accuracy | F1 | AUC | epoch (mean) |",
+             "|---|---|---|---|---|---|"]
+    for fusion, name in (("concat", "MM-Dynamics (concat)"), ("deq", "MM-Dynamics + DEQ")):
+        for proto, key, label in ROWS:
+            runs = [r for r in results if r["fusion"] == fusion and r["protocol"] == proto]
+            if not runs:
+                continue
+            cells = [mean_std([r[key][m] for r in runs]) for m in ("acc", "f1", "auc")]
+            epoch = np.mean([r[key]["epoch"] for r in runs])
+            lines.append(f"| {name} | {label} | {' | '.join(cells)} | {epoch:.0f} |")
+    lines.append("")
+    lines.append("| model | wall time per training epoch (ms, mean over runs) | runs |")
+    lines.append("|---|---|---|")
+    for fusion, name in (("concat", "MM-Dynamics (concat)"), ("deq", "MM-Dynamics + DEQ")):
+        runs = [r for r in results if r["fusion"] == fusion]
+        if runs:
+            lines.append(f"| {name} | {1000 * np.mean([r['epoch_time_s'] for r in runs]):.1f} | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--upstream", default=os.environ.get("DEQFUSION_MMDYNAMICS_ROOT"),
+                   help="mmdynamics checkout (default: DEQFUSION_MMDYNAMICS_ROOT)")
+    p.add_argument("--data", default=str(DATA), help="ROSMAP folder (MOGONET layout)")
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=300, help="epochs per run (the upstream's is 1000)")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--deq-hidden", type=int, default=500, help="hidden width of the DEQ model (paper: 500)")
+    p.add_argument("--baseline-hidden", type=int, help="hidden width of the baseline (default: upstream 1000)")
+    p.add_argument("--protocols", default="paper,fair")
+    p.add_argument("--models", default="concat,deq")
+    p.add_argument("--workers", type=int, default=2, help="parallel runs, one torch thread each")
+    p.add_argument("--f-max-iter", type=int, default=30)
+    p.add_argument("--b-max-iter", type=int, default=30)
+    p.add_argument("--f-tol", type=float, default=1e-3)
+    p.add_argument("--reference-epochs", type=int, default=5, help="epochs timed with the reference module")
+    p.add_argument("--out", help="write the results as JSON here (the table goes next to it as .md)")
+    args = p.parse_args(argv)
+    if not args.upstream:
+        p.error("--upstream: give the mmdynamics checkout or set DEQFUSION_MMDYNAMICS_ROOT")
+    options = {"f_max_iter": args.f_max_iter, "b_max_iter": args.b_max_iter, "f_tol": args.f_tol}
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="rosmap_study_")
+    tasks = [dict(root=args.upstream, data=args.data, fusion=fusion, protocol=proto, seed=seed, epochs=args.epochs,
+                  eval_every=args.eval_every, modelpath=os.path.join(tmp, f"{fusion}_{proto}_{seed}"),
+                  hidden=args.deq_hidden if fusion == "deq" else args.baseline_hidden)
+             for fusion in args.models.split(",") for proto in args.protocols.split(",") for seed in range(args.seeds)]
+    tasks.sort(key=lambda t: t["fusion"] != "deq")     # the long runs first
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.workers, initializer=_worker_init, initargs=(args.upstream, options)) as pool:
+        results = []
+        for r in pool.map(_one_run, tasks):
+            results.append(r)
+            print(f"  {r['fusion']:6s} {r['protocol']:5s} seed {r['seed']}: final test acc {r['final']['acc']:.3f} "
+                  f"({r['wall_s']:.0f} s)", flush=True)
+    total = time.perf_counter() - start
+    report = {"command": " ".join([sys.executable, *sys.argv]), "args": vars(args), "total_wall_s": total,
+              "cpu_count": os.cpu_count(), "runs": results}
+    text = table(results, args.seeds)
+    sys.path.insert(0, str(HERE))
+    from reference import reference_root      # benchmarks/reference.py: the CPU loader of the reference
+
+    if reference_root() is None:
+        report["reference"] = "skipped: DEQFUSION_REFERENCE_ROOT is unset"
+    else:
+        report["reference"] = reference_epoch_time(args.upstream, args.data, args.reference_epochs, args.deq_hidden,
+                                                   options)
+        text += (f"\n\nReference DEQ module (jinhong-ni/DEQFusion) in the same head: "
+                 f"{1000 * report['reference']['epoch_time_s']:.1f} ms per training epoch")
+    text += (f"\n\n{args.seeds} seeds, {args.epochs} epochs (evaluations every {args.eval_every}), DEQ hidden "
+             f"{args.deq_hidden}, {args.workers} workers x 1 thread; whole study {total / 60:.1f} min.")
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        Path(args.out).with_suffix(".md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""CM-BERT with DEQ fusion: its own run_classifier.main (train, dev selection, test) on CMU-MOSI transcripts.
+
+Needs a checkout of thuiar/Cross-Modal-BERT in DEQFUSION_CMBERT_ROOT and ../shared/data/cmu_mosi_text. No
+downloads: a small randomly initialised BERT (hidden 768 as CM-BERT's fusion layer hard-codes, one layer)
+is written to a temporary folder in the old pytorch_pretrained_bert format (LayerNorm gamma/beta), with a
+vocabulary built from the transcripts; the audio features (not available here) are generated with their
+shape [N, 50, 5].
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.environ.get("DEQFUSION_CMBERT_ROOT")
+DATA = Path(__file__).parents[1].parent / "shared" / "data" / "cmu_mosi_text"
+pytestmark = [
+    pytest.mark.skipif(not ROOT, reason="DEQFUSION_CMBERT_ROOT is unset (git clone thuiar/Cross-Modal-BERT)"),
+    pytest.mark.skipif(not (DATA / "train.tsv").is_file(), reason=f"CMU-MOSI transcripts not found at {DATA}"),
+]
+pytest.importorskip("transformers", reason="transformers is not installed (./install.sh bert)")
+
+ROWS = {"train": 48, "dev": 24, "test": 24}
+CONFIG = {"vocab_size": None, "hidden_size": 768, "num_hidden_layers": 1, "num_attention_heads": 12,
+          "intermediate_size": 128, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+          "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 64, "type_vocab_size": 2,
+          "initializer_range": 0.02}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Text subset, generated audio, and a tiny BERT folder in the old checkpoint format."""
+    from deqfusion_patches.cmbert.plugin import hf_config, shim_broken_torchvision
+
+    shim_broken_torchvision()
+    import transformers
+
+    tmp = tmp_path_factory.mktemp("cmbert")
+    text, bert = tmp / "text", tmp / "bert"
+    text.mkdir()
+    bert.mkdir()
+    words = collections.Counter()
+    for split, n in ROWS.items():
+        lines = (DATA / f"{split}.tsv").read_text().splitlines()[: n + 1]     # header + n rows
+        (text / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+        for line in lines[1:]:
+            words.update(re.findall(r"\w+|[^\w\s]", line.split("\t")[0].lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(words)
+    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    config = dict(CONFIG, vocab_size=len(vocab))
+    (bert / "bert_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    hf = transformers.BertModel(hf_config(type("C", (), config)))
+    state = {}
+    for key, value in hf.state_dict().items():
+        if "LayerNorm" in key:                      # old pytorch_pretrained_bert names, random values
+            key = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+            value = torch.rand_like(value)
+        state["bert." + key] = value
+    torch.save(state, bert / "pytorch_model.bin")
+    rng = np.random.default_rng(0)
+    audio = tuple(rng.normal(size=(n, 50, 5)).astype(np.float32) for n in ROWS.values())
+    with open(tmp / "audio.pickle", "wb") as f:
+        pickle.dump(audio, f)
+    return {"tmp": tmp, "text": text, "bert": bert, "state": state}
+
+
+@pytest.fixture(scope="module")
+def cmbert(workspace):
+    from deqfusion_patches.cmbert import plugin
+
+    integ = plugin.INTEGRATION
+    upstream = integ.locate(ROOT)
+    integ.apply(upstream, {"f_max_iter": 10, "b_max_iter": 10, "audio": str(workspace["tmp"] / "audio.pickle"),
+                           "workdir": str(workspace["tmp"] / "work")})
+    return integ, upstream, plugin
+
+
+def test_pretrained_folder_loads_into_transformers_bert(cmbert, workspace):
+    integ, _, plugin = cmbert
+    import transformers
+
+    model = integ.modules["model"].BertForSequenceClassification.from_pretrained(str(workspace["bert"]), num_labels=1)
+    assert isinstance(model.bert, transformers.BertModel)
+    gamma = workspace["state"]["bert.embeddings.LayerNorm.gamma"]
+    assert torch.equal(model.bert.embeddings.LayerNorm.weight.detach(), gamma)     # gamma -> weight
+    assert isinstance(model.BertFinetun.deq_fusion, torch.nn.Module) and model.BertFinetun.deq_fusion.dim == 50
+
+
+def test_training_run_with_deq_fusion(cmbert, workspace):
+    integ, upstream, plugin = cmbert
+    argv = ["--data_dir", str(workspace["text"]), "--bert_model", str(workspace["bert"]),
+            "--num_train_epochs", "1", "--train_batch_size", "24", "--eval_batch_size", "24", "--test_batch_size", "24"]
+    results = integ.run_once(upstream, argv)
+    assert set(results) >= {"acc", "F1", "mae", "corr", "acc7"}
+    assert np.isfinite(results["loss"]) and results["global_step"] == 2
+    # the model selected on dev loss, written by the upstream loop: DEQ parameters trained (lr 0.01 group)
+    saved = torch.load(workspace["tmp"] / "work" / "Cross-Modal-BERT-master" / "CM-BERT_output" / "pytorch_model.bin")
+    assert not torch.equal(saved["BertFinetun.deq_fusion.weights"], torch.ones(2))
+    assert "bert.encoder.layer.0.attention.self.query.weight" in saved
+
+
+def test_fused_map_is_the_deq_equilibrium(cmbert):
+    integ, _, plugin = cmbert
+    config = integ.modules["model"].BertConfig(vocab_size_or_config_json_file=30, **{
+        k: v for k, v in CONFIG.items() if k != "vocab_size"})
+    torch.manual_seed(0)
+    fin = integ.modules["model"].BertFinetun(config).eval()
+    seen = []
+    deq_forward = fin.deq_fusion.forward
+    fin.deq_fusion.forward = lambda xs, **kw: seen.append((xs, deq_forward(xs, **kw))) or seen[-1][1]
+    hidden, audio = torch.randn(2, 50, 768), torch.randn(2, 50, 5)
+    with torch.no_grad():
+        _, text_map, fused_map = fin(hidden, None, audio, torch.zeros(2, 1, 1, 50))
+    (xs, out), = seen
+    # the DEQ saw the text and audio maps row by row; the map the upstream returns is ReLU of its fixed point
+    assert torch.equal(xs[0], text_map.reshape(100, 50)) and xs[1].shape == (100, 50)
+    assert torch.allclose(fused_map, torch.relu(out.fused).reshape(2, 50, 50))
+    assert fin.deq_stats.nstep >= 1 and "bias" not in fin.__dict__       # the per-call overrides are gone
+    plugin.SETTINGS["deq"] = False
+    try:
+        assert not hasattr(integ.modules["model"].BertFinetun(config), "deq_fusion")
+    finally:
+        plugin.SETTINGS["deq"] = True
+    with pytest.raises(ValueError, match="--max_seq_length"):
+        fin(torch.randn(2, 40, 768), None, torch.randn(2, 40, 5), torch.zeros(2, 1, 1, 40))
+
+
+def test_bert_adam_is_adamw_with_linear_warmup():
+    from deqfusion_patches.cmbert import ppb
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = ppb.BertAdam([p], lr=1.0, warmup=0.25, t_total=8)
+    lrs = []
+    for _ in range(8):
+        p.grad = torch.ones(3)
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+    assert lrs[0] == 0.0 and lrs[2] == 1.0 and lrs[-1] < lrs[3]
+    assert isinstance(opt, torch.optim.AdamW)
+    with pytest.raises(EnvironmentError, match="--bert_model"):
+        ppb.cached_path("bert-base-uncased")
