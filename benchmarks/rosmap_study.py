@@ -10,7 +10,8 @@ Reported per model: accuracy / F1 / AUC mean +- std over seeds for
 - fair protocol, final epoch,
 
 and the wall time per training epoch. With ``DEQFUSION_REFERENCE_ROOT`` set, the DEQ model is also trained
-once with the paper authors' reference DEQ module in place of deqfusion's (time per epoch only).
+for a few epochs with deqfusion's module and with the paper authors' reference DEQ module in its place,
+each alone on one thread (time per epoch only).
 
     DEQFUSION_MMDYNAMICS_ROOT=~/mmdynamics python benchmarks/rosmap_study.py --seeds 10 --epochs 300 \\
         --out benchmarks/results/rosmap_study.json
@@ -23,6 +24,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))       # benchmarks/reference.py
 DATA = HERE.parents[1] / "shared" / "data" / "rosmap"
 ROWS = [("paper", "paper_best", "paper protocol: best test of the evaluations"),
         ("paper", "final", "paper split: final epoch"),
@@ -71,49 +74,61 @@ def _one_run(task: dict) -> dict:
     return summary
 
 
-def reference_epoch_time(root: str, data: str, epochs: int, hidden: int, options: dict) -> dict:
-    """Train the DEQ model for a few epochs with the reference module swapped in; time per epoch."""
+def timed_epochs(root: str, data: str, epochs: int, hidden: int, options: dict, reference: bool) -> float:
+    """Seconds per training epoch of the DEQ model, one thread, alone: with deqfusion's module, or with the
+    paper authors' reference module (jinhong-ni/DEQFusion, loaded by benchmarks/reference.py) in its place."""
+    import torch
+
+    from deqfusion_patches.mmdynamics import plugin, protocol
+
+    torch.set_num_threads(1)
+    integ = plugin.INTEGRATION
+    integ.apply(integ.locate(root), dict(options))
+    upstream_init = plugin.DEQHead.__init__
+    if reference:
+        make = reference_fusion(options)
+
+        def __init__(self, views, hidden_, num_class, linear_layer, **fusion_options):
+            upstream_init(self, views, hidden_, num_class, linear_layer, **fusion_options)
+            self.deq_fusion = make(views, hidden_, fusion_options.get("jac_weight", 0.0))
+
+        plugin.DEQHead.__init__ = __init__
+    try:
+        argv = ["--data-folder", data, "--epochs", str(epochs - 1), "--eval-every", str(epochs), "--hidden",
+                str(hidden), "--modelpath", tempfile.mkdtemp(prefix="rosmap_timing_"), "--quiet"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            summary = protocol.run(integ.train_test, protocol.parse_args(argv), integ.locate(root).root)
+    finally:
+        plugin.DEQHead.__init__ = upstream_init
+    return summary["epoch_time_s"]
+
+
+def reference_fusion(options: dict):
+    """A factory of the reference's DEQFusion behind deqfusion's call signature (fused, jac, stats)."""
     import torch
     from reference import load_reference
 
     from deqfusion_core.jacobian import attach_aux_loss
-    from deqfusion_patches.mmdynamics import plugin, protocol
 
     R = load_reference()
 
-    class ReferenceFusion(torch.nn.Module):     # the reference's DEQFusion behind deqfusion's call signature
-        def __init__(self, input_dims, dim, jac_weight=0.0, **_):
+    class Stats:            # the reference reports no per-call statistics the head could use
+        state, nstep, rel_residual, converged = None, -1, float("nan"), True
+
+    class ReferenceFusion(torch.nn.Module):
+        def __init__(self, views, dim, jac_weight):
             super().__init__()
-            self.ref = R.DEQFusion(dim, len(input_dims), f_thres=options.get("f_max_iter", 30),
-                                   b_thres=options.get("b_max_iter", 30), stop_mode="rel")
+            self.ref = R.DEQFusion(dim, views, f_thres=options["f_max_iter"], b_thres=options["b_max_iter"],
+                                   stop_mode="rel")
             self.jac_weight = jac_weight
 
         def forward(self, xs, z0=None):
             fused, jac, _ = self.ref(list(xs))
             if self.training:
                 fused = attach_aux_loss(fused, jac.mean(), self.jac_weight)
-            return fused, jac, _ReferenceStats()
+            return fused, jac, Stats()
 
-    class _ReferenceStats:
-        state, nstep, rel_residual, converged = None, -1, float("nan"), True
-
-    torch.set_num_threads(1)
-    integ = plugin.INTEGRATION
-    integ.apply(integ.locate(root), dict(options))
-    upstream_fusion = plugin.DEQHead.__init__
-
-    def __init__(self, views, hidden_, num_class, linear_layer, **fusion_options):
-        upstream_fusion(self, views, hidden_, num_class, linear_layer, **fusion_options)
-        self.deq_fusion = ReferenceFusion([hidden_] * views, hidden_, fusion_options.get("jac_weight", 0.0))
-
-    plugin.DEQHead.__init__ = __init__
-    try:
-        argv = ["--data-folder", data, "--epochs", str(epochs), "--eval-every", str(epochs), "--hidden", str(hidden),
-                "--modelpath", os.devnull + "_ref", "--quiet"]
-        summary = protocol.run(integ.train_test, protocol.parse_args(argv), integ.locate(root).root)
-    finally:
-        plugin.DEQHead.__init__ = upstream_fusion
-    return {"epochs": epochs + 1, "epoch_time_s": summary["epoch_time_s"]}
+    return ReferenceFusion
 
 
 def mean_std(values) -> str:
@@ -164,8 +179,6 @@ def main(argv=None) -> int:
     if not args.upstream:
         p.error("--upstream: give the mmdynamics checkout or set DEQFUSION_MMDYNAMICS_ROOT")
     options = {"f_max_iter": args.f_max_iter, "b_max_iter": args.b_max_iter, "f_tol": args.f_tol}
-    import tempfile
-
     tmp = tempfile.mkdtemp(prefix="rosmap_study_")
     tasks = [dict(root=args.upstream, data=args.data, fusion=fusion, protocol=proto, seed=seed, epochs=args.epochs,
                   eval_every=args.eval_every, modelpath=os.path.join(tmp, f"{fusion}_{proto}_{seed}"),
@@ -183,16 +196,18 @@ def main(argv=None) -> int:
     report = {"command": " ".join([sys.executable, *sys.argv]), "args": vars(args), "total_wall_s": total,
               "cpu_count": os.cpu_count(), "runs": results}
     text = table(results, args.seeds)
-    sys.path.insert(0, str(HERE))
     from reference import reference_root      # benchmarks/reference.py: the CPU loader of the reference
 
     if reference_root() is None:
         report["reference"] = "skipped: DEQFUSION_REFERENCE_ROOT is unset"
-    else:
-        report["reference"] = reference_epoch_time(args.upstream, args.data, args.reference_epochs, args.deq_hidden,
-                                                   options)
-        text += (f"\n\nReference DEQ module (jinhong-ni/DEQFusion) in the same head: "
-                 f"{1000 * report['reference']['epoch_time_s']:.1f} ms per training epoch")
+    else:       # both timed alone, one after the other, on one thread, for the same epochs
+        n = args.reference_epochs
+        ours = timed_epochs(args.upstream, args.data, n, args.deq_hidden, options, reference=False)
+        ref = timed_epochs(args.upstream, args.data, n, args.deq_hidden, options, reference=True)
+        report["reference"] = {"epochs": n, "deqfusion_epoch_time_s": ours, "reference_epoch_time_s": ref}
+        text += (f"\n\nDEQ module timing, {n} training epochs each, alone on one thread: deqfusion "
+                 f"{1000 * ours:.1f} ms per epoch, the paper authors' reference module (jinhong-ni/DEQFusion, same "
+                 f"f/b iteration caps, its own relative stop) {1000 * ref:.1f} ms per epoch.")
     text += (f"\n\n{args.seeds} seeds, {args.epochs} epochs (evaluations every {args.eval_every}), DEQ hidden "
              f"{args.deq_hidden}, {args.workers} workers x 1 thread; whole study {total / 60:.1f} min.")
     print(text)

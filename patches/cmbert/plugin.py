@@ -26,13 +26,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from deqfusion_core import Integration, hookimpl, run_path_as_main
+from deqfusion_patches.nonconvergence import NonConvergence
 from deqfusion_patches.isolated_import import import_isolated, provided
 
 from . import ppb
@@ -41,8 +41,7 @@ AUDIO_ENV = "DEQFUSION_CMBERT_AUDIO"
 AUDIO_PATH = Path("Cross-Modal-BERT-master/data/audio/MOSI_cmu_audio_CLS.pickle")   # as run_classifier reads it
 PAPER = {"jac_weight": 0.01}
 SETTINGS: dict[str, Any] = {"fusion": {}, "jac_weight": PAPER["jac_weight"], "seq_len": 50, "deq": True}
-WARN_EVERY = 50
-_nonconverged = 0
+NONCONVERGED = NonConvergence("CM-BERT")
 
 
 # -- BERT from transformers ------------------------------------------------------------------------------
@@ -84,19 +83,13 @@ def make_hf_bert():
 # -- the fusion ------------------------------------------------------------------------------------------
 def fuse_maps(module, text_map: torch.Tensor, audio_map: torch.Tensor) -> torch.Tensor:
     """The fused attention map [B, L, L]: DEQ equilibrium over the text and audio maps, row by row."""
-    global _nonconverged
     B, L, _ = text_map.shape
     if L != module.deq_fusion.dim:
         raise ValueError(f"--max_seq_length: the DEQ fusion was built for {module.deq_fusion.dim} tokens, the "
                          f"attention maps have {L}")
     fused, _, stats = module.deq_fusion([text_map.reshape(B * L, L), audio_map.reshape(B * L, L)])
     module.deq_stats = stats
-    if not stats.converged:
-        _nonconverged += 1
-        if _nonconverged % WARN_EVERY == 1:
-            warnings.warn(f"CM-BERT DEQ fusion did not converge ({_nonconverged} forwards so far): relative "
-                          f"residual {stats.rel_residual:.2e} after {stats.nstep} steps (f_tol={stats.tol})",
-                          RuntimeWarning, stacklevel=2)
+    NONCONVERGED.check(stats)
     return fused.reshape(B, L, L)
 
 

@@ -24,7 +24,6 @@ Conditional shims: ``.cuda()`` without a GPU is a no-op (``vqa_compat.shim_cuda_
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Sequence
 
 import torch
@@ -32,14 +31,14 @@ import torch.nn as nn
 
 from deqfusion_core import Integration, hookimpl
 from deqfusion_patches import vqa_compat
+from deqfusion_patches.nonconvergence import NonConvergence
 from deqfusion_patches.isolated_import import import_isolated
 
 PAPER = {"jac_weight": 20.0, "grad_clip": 30.0, "hidden": 500}
 # fusion: "deq" or "concat" (the upstream model); fusion_options: DEQFusion keyword arguments
 SETTINGS: dict[str, Any] = {"fusion": "deq", "fusion_options": {}, "jac_weight": PAPER["jac_weight"],
                             "grad_clip": PAPER["grad_clip"], "hidden": None}
-WARN_EVERY = 50
-_nonconverged = 0
+NONCONVERGED = NonConvergence("MM-Dynamics")
 
 
 class DEQHead(nn.Module):
@@ -57,7 +56,6 @@ class DEQHead(nn.Module):
         self.stats: dict = {}     # split -> last SolverStats
 
     def forward(self, concatenated: torch.Tensor) -> torch.Tensor:
-        global _nonconverged
         xs = list(torch.split(concatenated, self.hidden, dim=1))
         if len(xs) != self.views:
             raise ValueError(f"DEQHead: expected {self.views} views of width {self.hidden}, got {concatenated.shape}")
@@ -66,12 +64,7 @@ class DEQHead(nn.Module):
             z0 = None
         fused, _, stats = self.deq_fusion(xs, z0=z0)
         self.states[self.split_key], self.stats[self.split_key] = stats.state, stats
-        if not stats.converged:
-            _nonconverged += 1
-            if _nonconverged % WARN_EVERY == 1:
-                warnings.warn(f"MM-Dynamics DEQ fusion did not converge ({_nonconverged} forwards so far): relative "
-                              f"residual {stats.rel_residual:.2e} after {stats.nstep} steps (f_tol={stats.tol})",
-                              RuntimeWarning, stacklevel=2)
+        NONCONVERGED.check(stats)
         return self.classifier(fused)
 
 
