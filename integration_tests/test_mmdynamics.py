@@ -92,3 +92,15 @@ def test_bad_arguments_name_the_argument(mmd, tmp_path, capsys):
     with pytest.raises(SystemExit):
         protocol.parse_args(["--data-folder", str(tmp_path)])
     assert "--data-folder" in capsys.readouterr().err
+
+
+def test_released_checkpoint_scores_on_cpu(mmd, capsys):
+    """The upstream's released ROSMAP checkpoint (saved from CUDA tensors) loads on CPU through the
+    load_checkpoint shim and scores what its authors' model scores (test split)."""
+    integ, upstream, protocol, _ = mmd
+    if not (upstream.root / "model" / "ROSMAP" / "checkpoint.pt").is_file():
+        pytest.skip("the checkout has no model/ROSMAP/checkpoint.pt (Git LFS not fetched)")
+    args = protocol.parse_args(["--data-folder", str(DATA), "--fusion", "concat", "--testonly"])
+    summary = protocol.run(integ.train_test, args, upstream.root)
+    assert summary["checkpoint"] == pytest.approx({"acc": 0.840, "f1": 0.844, "auc": 0.900}, abs=1e-3)
+    assert "[checkpoint " in capsys.readouterr().out
