@@ -2,7 +2,10 @@
 accuracy and DEQ solver statistics and save the convergence and gate plots (the paper's Fig. 4 and 3)."""
 from __future__ import annotations
 
+import builtins
+import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +54,8 @@ def main(args) -> int:
         opts.append(f"training.max_updates={args.max_updates}")
     t0 = time.time()
     run(opts=opts + list(args.mmf_opts))
+    # MMF's logger (training.stdout_capture) has taken over sys.stdout by now: print to the real one
+    print = functools.partial(builtins.print, file=sys.__stdout__, flush=True)  # noqa: A001
     model = FusionClassifier.last_built() if FusionClassifier.last_built else None
     if model is None:
         print("deqfusion mmf-demo: MMF did not build the model")
