@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -177,10 +176,10 @@ def train_steps(args, ours, xs, head, labels, R, report):
     truth, resid = unrolled_ground_truth(ours, xs, head, labels, steps=args.unrolled_steps)
     report["ground_truth"] = dict(steps=args.unrolled_steps, damping=0.5, rel_residual_max=resid)
     rows = {}
-    for tol in (1e-3, 1e-4, 1e-5):
+    for tol in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7):
         m = copy.deepcopy(ours).train()
         m.f_tol = m.b_tol = tol
-        m.f_max_iter = m.b_max_iter = 105
+        m.f_max_iter = m.b_max_iter = 200
         samples = [ours_step(m, xs, head, labels) for _ in range(args.repeats)]
         fw, bw = statistics.median(s[1] for s in samples), statistics.median(s[2] for s in samples)
         st = samples[-1][0].stats
@@ -235,22 +234,52 @@ def warm_started(args, ours, xs, head, labels, R, report):
     report["warm_start"] = rows
 
 
+class PeakRSS:
+    """Peak resident memory growth during a block, sampled from /proc/self/statm every 0.5 ms
+    (getrusage's lifetime maximum cannot see a peak below an earlier one)."""
+
+    def __enter__(self):
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _sample(self):
+        while not self._stop.wait(0.0005):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.growth_mib = (self.peak - self.base) / 2**20
+
+
 def memory_child(args):
     """Run one method's training step in this (fresh) process; print peak RSS growth in MiB."""
     ours, xs, head, labels = build(args)
-    R = load_reference() if args.memory_of.startswith("reference") else None
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if args.memory_of.startswith("deqfusion"):
-        steps = int(args.memory_of.split(":")[1])
+    kind, steps = args.memory_of.split(":")
+    steps = int(steps)
+    if kind == "deqfusion":
         ours.f_tol = ours.b_tol = 1e-30   # force exactly `steps` iterations
         ours.f_max_iter = ours.b_max_iter = steps
-        ours_step(ours.train(), xs, head, labels)
-    elif args.memory_of.startswith("reference"):
-        steps = int(args.memory_of.split(":")[1])
+        run = lambda: ours_step(ours.train(), xs, head, labels)
+    else:
+        R = load_reference()
         ref = R.DEQFusion(ours.dim, ours.num_modalities, f_thres=steps, b_thres=steps + 1, stop_mode="abs")
         copy_weights_to_reference(ours, ref)
-        reference_step(ref.train(), xs, head, labels)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+        run = lambda: reference_step(ref.train(), xs, head, labels)
+    with PeakRSS() as peak:
+        run()
+    print(peak.growth_mib)
 
 
 def memory(args, report, have_ref):
@@ -259,7 +288,10 @@ def memory(args, report, have_ref):
     for meth in methods:
         cmd = [sys.executable, __file__, "--memory-of", meth, "--batch", str(args.batch), "--dim", str(args.dim),
                "--warmup-steps", "0"]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        # A fixed mmap threshold makes glibc return freed tensors to the OS, so resident memory tracks live
+        # tensors; with its default dynamic threshold, heap fragmentation makes RSS creep with every step.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:
             report["skipped"].append(f"memory {meth}: {out.stderr.strip().splitlines()[-1:]}")
             continue
@@ -268,6 +300,36 @@ def memory(args, report, have_ref):
 
 
 # ----------------------------------------------------------------------------------------------- main
+def summary(report):
+    """The targets of the core issue, as ratios to the reference measured in the same run."""
+    out = {}
+    train, ref_name = report.get("train_step", {}), "reference defaults (f 105 abs, b 106)"
+    ours = {k: v for k, v in train.items() if k.startswith("deqfusion tol")}
+    for bar in (1e-3, 1e-4):
+        ok = [(v["step_s"], k) for k, v in ours.items() if v["grad_rel_err"] <= bar]
+        if not ok:
+            out[f"train step at grad error <= {bar:g}"] = "not reached by the tolerances tried"
+            continue
+        t, k = min(ok)
+        ref = train.get(ref_name)
+        ratio = f", {ref['step_s'] / t:.1f}x faster than the reference (its error {ref['grad_rel_err']:.1e})" if ref else ""
+        out[f"train step at grad error <= {bar:g}"] = f"{t:.2f} s ({k}){ratio}"
+    warm, ref = report.get("warm_start", {}).get("deqfusion warm start, tol 1e-4"), train.get(ref_name)
+    if warm and ref:
+        out["repeated full-batch steps, warm-started"] = f"{warm['step_s']:.2f} s/step, {ref['step_s'] / warm['step_s']:.1f}x faster than the reference"
+    fwd = report.get("forward", {})
+    for k, v in fwd.items():
+        out[f"forward solve time / (f evals x one f): {k}"] = f"{v['overhead']:.2f}"
+    mem = report.get("memory", {})
+    if "deqfusion steps=100" in mem and "reference steps=100" in mem:
+        out["peak memory, 100 steps, ours / reference"] = (
+            f"{mem['deqfusion steps=100']['peak_rss_growth_mib'] / mem['reference steps=100']['peak_rss_growth_mib']:.2f}")
+    if "deqfusion steps=10" in mem and "deqfusion steps=100" in mem:
+        out["peak memory, ours, 100 vs 10 steps"] = (
+            f"{mem['deqfusion steps=100']['peak_rss_growth_mib']:.0f} vs {mem['deqfusion steps=10']['peak_rss_growth_mib']:.0f} MiB")
+    return out
+
+
 def fmt(rows):
     keys = sorted({k for r in rows.values() for k in r})
     lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -307,17 +369,18 @@ def main(argv=None):
     else:
         R = load_reference()
     ours, xs, head, labels = build(args)
-    if "forward" not in args.skip:
-        forward_solve(args, ours, xs, R, report)
-    if "train" not in args.skip:
-        train_steps(args, ours, xs, head, labels, R, report)
-    if "warm" not in args.skip:
-        warm_started(args, ours, xs, head, labels, R, report)
-    if "memory" not in args.skip:
-        memory(args, report, R is not None)
-    for part in ("forward", "train_step", "warm_start", "memory"):
-        if part in report:
-            print(f"\n## {part}\n{fmt(report[part])}")
+    parts = (("forward", "forward", lambda: forward_solve(args, ours, xs, R, report)),
+             ("train", "train_step", lambda: train_steps(args, ours, xs, head, labels, R, report)),
+             ("warm", "warm_start", lambda: warm_started(args, ours, xs, head, labels, R, report)),
+             ("memory", "memory", lambda: memory(args, report, R is not None)))
+    for flag, key, run in parts:
+        if flag not in args.skip:
+            run()
+            print(f"\n## {key}\n{fmt(report[key])}", flush=True)
+    report["summary"] = summary(report)
+    print("\n## summary (ratios to the reference)")
+    for k, v in report["summary"].items():
+        print(f"- {k}: {v}")
     if "ground_truth" in report:
         print(f"\nground truth: {report['ground_truth']}")
     for s in report["skipped"]:
