@@ -117,3 +117,59 @@ def test_packaged_config_name_resolves():
 
     out = resolve_config_opts(["config=easy_vqa_deq", "model=fusion_classifier"])
     assert out[0].endswith("configs/experiments/easy_vqa_deq.yaml") and out[1] == "model=fusion_classifier"
+
+
+class _Writer:
+    def __init__(self):
+        self.anomaly_at_start = None
+
+    def write(self, text, level="info"):
+        if text == "Starting training...":
+            self.anomaly_at_start = torch.is_anomaly_enabled()
+
+
+def _run_rc10_train(training):
+    """The installed BaseTrainer.train up to its training loop (zero updates), on a bare trainer."""
+    from mmf.common.registry import registry
+    from mmf.trainers.base_trainer import BaseTrainer
+    from omegaconf import OmegaConf
+
+    trainer = BaseTrainer.__new__(BaseTrainer)
+    trainer.config = OmegaConf.create({"training": training})
+    trainer.writer, trainer.model, trainer.run_type = _Writer(), torch.nn.Linear(2, 2), "train"
+    trainer.max_epochs, trainer.max_updates, trainer.num_updates = None, 0, 0
+    trainer.profile = lambda text: None
+    trainer.finalize = lambda: None
+    state, previous_mode = registry.mapping["state"], torch.is_anomaly_enabled()
+    previous_writer = state.pop("writer", _Writer)
+    state["writer"] = trainer.writer
+    try:
+        trainer.train()
+        return trainer.writer.anomaly_at_start
+    finally:
+        if previous_writer is _Writer:
+            state.pop("writer")
+        else:
+            state["writer"] = previous_writer
+        torch.autograd.set_detect_anomaly(previous_mode)
+
+
+def test_anomaly_mode_follows_the_config_on_rc10():
+    import mmf.trainers.base_trainer  # noqa: F401 - the shim applies when it executes
+
+    assert "trainer_detect_anomaly_from_config" in compat.applied  # the installed rc10 hard-codes it
+    assert _run_rc10_train({}) is False                            # default: off, as in MMF main
+    assert _run_rc10_train({"detect_anomaly": False}) is False
+    assert _run_rc10_train({"detect_anomaly": True}) is True
+    from mmf.utils.configuration import Configuration
+
+    assert Configuration().get_config().training.detect_anomaly is False  # the project's defaults.yaml
+
+
+def test_anomaly_shim_only_when_hard_coded():
+    class Trainer:
+        def train(self):
+            return "own"
+
+    mod = types.SimpleNamespace(BaseTrainer=Trainer)
+    assert compat.patch_trainer_anomaly(mod) == [] and mod.BaseTrainer.train is Trainer.train

@@ -11,13 +11,16 @@ stack gets none of them). ``install()`` puts an import hook in place *before* ``
 """
 from __future__ import annotations
 
+import ast
 import collections
 import collections.abc
 import importlib
 import importlib.abc
 import importlib.util
+import inspect
 import os
 import sys
+import textwrap
 import types
 import warnings
 from pathlib import Path
@@ -256,8 +259,34 @@ def patch_dictconfig_pretty() -> bool:
     return True
 
 
+ANOMALY_ON = "torch.autograd.set_detect_anomaly(True)"
+ANOMALY_FROM_CONFIG = 'torch.autograd.set_detect_anomaly(bool(self.config.training.get("detect_anomaly", False)))'
+
+
+def patch_trainer_anomaly(mod) -> list[str]:
+    # rc10's BaseTrainer.train hard-codes anomaly mode (a debugging leftover that makes every backward, and a
+    # DEQ's many VJPs, several times slower); later MMF reads `training.detect_anomaly` (default false), so do we.
+    train = mod.BaseTrainer.train
+    try:
+        lines, first = inspect.getsourcelines(train)
+    except (OSError, TypeError):  # no source to inspect: leave the trainer as it is
+        return []
+    source = textwrap.dedent("".join(lines))
+    if source.count(ANOMALY_ON) != 1:
+        return []
+    tree = ast.parse(source.replace(ANOMALY_ON, ANOMALY_FROM_CONFIG))
+    ast.increment_lineno(tree, first - 1)  # tracebacks keep pointing at the installed file's lines
+    namespace: dict = {}
+    exec(compile(tree, inspect.getsourcefile(train), "exec"), mod.__dict__, namespace)
+    patched = namespace[train.__name__]
+    patched.__qualname__, patched.__doc__ = train.__qualname__, train.__doc__
+    mod.BaseTrainer.train = patched
+    return ["trainer_detect_anomaly_from_config"]
+
+
 POST_IMPORT = {"mmf.utils.configuration": patch_configuration,
-               "mmf.datasets.base_dataset_builder": patch_dataset_builder}
+               "mmf.datasets.base_dataset_builder": patch_dataset_builder,
+               "mmf.trainers.base_trainer": patch_trainer_anomaly}
 
 
 class _Hook(importlib.abc.MetaPathFinder):
