@@ -43,10 +43,12 @@ def fresh_model(fusion):
     from deqfusion_adapters.mmf import CONFIG_DIR, register
 
     register()
+    from mmf.utils.configuration import load_yaml  # resolves the experiment's `includes`
+
     from deqfusion_adapters.mmf.model import FusionClassifier
 
     cfg = OmegaConf.load(CONFIG_DIR / "models" / "fusion_classifier.yaml").model_config.fusion_classifier
-    exp = OmegaConf.load(CONFIG_DIR / "experiments" / f"easy_vqa_{fusion}.yaml").model_config.fusion_classifier
+    exp = load_yaml(str(CONFIG_DIR / "experiments" / f"easy_vqa_{fusion}.yaml")).model_config.fusion_classifier
     model = FusionClassifier(OmegaConf.merge(cfg, exp))
     model.build()
     return model

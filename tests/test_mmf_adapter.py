@@ -173,3 +173,116 @@ def test_anomaly_shim_only_when_hard_coded():
 
     mod = types.SimpleNamespace(BaseTrainer=Trainer)
     assert compat.patch_trainer_anomaly(mod) == [] and mod.BaseTrainer.train is Trainer.train
+
+
+def _compose(*opts):
+    """The config MMF's command line would build (MMF's own Configuration), without data or a run."""
+    import argparse
+
+    from mmf.utils.configuration import Configuration
+
+    return Configuration(argparse.Namespace(config_override=None, opts=list(opts))).get_config()
+
+
+@pytest.mark.parametrize("fusion", ["deq", "linear_sum"])
+def test_mmimdb_configs_compose_and_model_runs_on_its_batch_format(fusion, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from deqfusion_adapters.mmf import CONFIG_DIR
+
+    config = _compose(f"config={CONFIG_DIR / 'experiments' / f'mmimdb_{fusion}.yaml'}", "model=fusion_classifier",
+                      "dataset=mmimdb")
+    data = config.dataset_config.mmimdb
+    assert data.use_features and not data.use_images
+    assert data.annotations.val[0].endswith("dev.jsonl") and data.features.train[0].endswith(".lmdb")
+    assert data.processors.text_processor.type == "bert_tokenizer"
+    assert data.processors.answer_processor.type == "multi_hot_answer_from_vocab"
+    assert list(config.evaluation.metrics) == ["multilabel_micro_f1", "multilabel_macro_f1"]
+    model_config = config.model_config.fusion_classifier
+    assert model_config.fusion.type == fusion and [loss.type for loss in model_config.losses] == ["logit_bce"]
+    assert list(model_config.encoders) == ["image", "text"]  # none of easy-VQA's encoders leaked in
+
+    # the composed model on a batch shaped like rc10's mmimdb samples (a tiny untrained BERT: no download)
+    from mmf.common.registry import registry
+    from mmf.common.sample import SampleList
+
+    from deqfusion_adapters.mmf.model import FusionClassifier
+
+    model_config = OmegaConf.merge(model_config, {"model": "fusion_classifier", "encoders": {"text": {"params": {
+        "pretrained": False, "config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                        "intermediate_size": 64}}}}})
+    monkeypatch.setitem(registry.mapping["state"], "config", config)
+    monkeypatch.setitem(registry.mapping["state"], "mmimdb_num_final_outputs", 24)  # 23 genres + <unk>
+    model = FusionClassifier(model_config)
+    model.build()
+    model.init_losses()
+    tokens = _bert_tokens(data.processors.text_processor, ["a man returns home", "the ship sinks at night"] * 2)
+    features = torch.randn(4, 100, 2048)
+    features[:, 50:] = 0  # padding rows
+    batch = SampleList([{**t, "image_feature_0": f, "targets": (torch.rand(24) > 0.7).float()}
+                        for t, f in zip(tokens, features)])
+    batch.dataset_type, batch.dataset_name = "train", "mmimdb"
+    out = model(batch)
+    assert out["scores"].shape == (4, 24)
+    assert "train/mmimdb/logit_bce" in out["losses"]
+    assert ("train/mmimdb/deq_jacobian" in out["losses"]) == (fusion == "deq")
+    groups = model.get_optimizer_parameters(config)
+    if fusion == "deq":   # the paper's smaller learning rate for the DEQ fusion
+        assert groups[1]["lr"] == 1e-4 and len(groups[1]["params"]) == len(list(model.fusion.parameters()))
+    else:
+        assert len(groups) == len(list(model.parameters()))
+
+
+def _bert_tokens(processor_config, texts):
+    """rc10's own `bert_tokenizer` processor (current transformers) with the experiment's params, on a local
+    word-piece vocabulary instead of bert-base-uncased's (no download)."""
+    import tempfile
+    from pathlib import Path
+
+    from mmf.datasets.processors.processors import Processor
+    from omegaconf import OmegaConf
+
+    words = "[PAD] [UNK] [CLS] [SEP] [MASK] a man returns home the ship sinks at night".split()
+    folder = Path(tempfile.mkdtemp())
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer", "do_lower_case": true}')
+    config = OmegaConf.merge(processor_config, {"params": {"tokenizer_config": {"type": str(folder)}}})
+    processor = Processor(config)
+    out = [processor({"text": text}) for text in texts]
+    assert out[0]["tokens"][:5] == ["[CLS]", "a", "man", "returns", "home"]
+    assert out[0]["input_ids"].shape == (processor_config.params.max_seq_length,)
+    return [{k: o[k] for k in ("input_ids", "input_mask", "segment_ids")} for o in out]
+
+
+def test_mmimdb_shims_only_when_mmf_lacks_the_files(monkeypatch):
+    monkeypatch.setattr(compat, "_ships", lambda relative: True)  # an MMF with its configs and zoo (git main)
+
+    class Builder:
+        @classmethod
+        def config_path(cls):
+            return "configs/datasets/mmimdb/defaults.yaml"
+
+    mod = types.SimpleNamespace(MMIMDbBuilder=Builder, get_zoo_config=lambda key: ("v", ["resource"]))
+    assert compat.patch_mmimdb_builder(mod) == [] and Builder.config_path() == "configs/datasets/mmimdb/defaults.yaml"
+    assert compat.patch_dataset_zoo(mod) == [] and mod.get_zoo_config("mmimdb") == ("v", ["resource"])
+    monkeypatch.setattr(compat, "_ships", lambda relative: False)  # rc10
+
+    def missing_zoo(key):
+        raise FileNotFoundError(2, "No such file", "configs/zoo/datasets.yaml")
+
+    mod.get_zoo_config = missing_zoo
+    assert compat.patch_mmimdb_builder(mod) == ["mmimdb_dataset_config"]
+    assert Builder.config_path() == str(compat.DATASET_CONFIGS / "mmimdb.yaml")
+    assert compat.patch_dataset_zoo(mod) == ["dataset_zoo_missing"]
+    with pytest.warns(UserWarning, match="nothing is downloaded for 'mmimdb'"):
+        assert mod.get_zoo_config("mmimdb") == (None, None)
+
+
+def test_multilabel_macro_f1_scores_multi_hot_targets():
+    from mmf.common.registry import registry
+
+    assert "multilabel_macro_f1" in compat.applied  # rc10 scores it as single-label
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    scores = torch.where(targets > 0, 5.0, -5.0)
+    metric = registry.get_metric_class("multilabel_macro_f1")()
+    assert float(metric.calculate({"targets": targets}, {"scores": scores})) == 1.0

@@ -284,9 +284,65 @@ def patch_trainer_anomaly(mod) -> list[str]:
     return ["trainer_detect_anomaly_from_config"]
 
 
+DATASET_CONFIGS = Path(__file__).parent / "configs" / "datasets"
+
+
+def _ships(relative: str) -> bool:
+    """Whether the installed MMF package has this file (configs/... paths are relative to its root)."""
+    from mmf.utils.general import get_mmf_root
+
+    return os.path.isfile(os.path.join(get_mmf_root(), relative))
+
+
+def patch_mmimdb_builder(mod) -> list[str]:
+    # rc10 registers `mmimdb` but ships no configs/datasets/mmimdb/defaults.yaml: use the project's own.
+    builder = mod.MMIMDbBuilder
+    if _ships(builder.config_path()):
+        return []
+    builder.config_path = classmethod(lambda cls: str(DATASET_CONFIGS / "mmimdb.yaml"))
+    return ["mmimdb_dataset_config"]
+
+
+def patch_dataset_zoo(mod) -> list[str]:
+    # rc10 ships no configs/zoo/datasets.yaml, so its builders' download step dies on the missing file; without a
+    # zoo there is nothing to download: say so and go on with the data the user brought (docs/mmf.md).
+    if _ships(os.path.join("configs", "zoo", "datasets.yaml")):
+        return []
+    original = mod.get_zoo_config
+
+    def get_zoo_config(key, *args, **kwargs):
+        try:
+            return original(key, *args, **kwargs)
+        except FileNotFoundError as exc:
+            warnings.warn(f"MMF's dataset zoo is missing ({exc.filename}): nothing is downloaded for {key!r}; "
+                          f"its data must already be under env.data_dir (see deqfusion's docs/mmf.md)")
+            return None, None
+
+    mod.get_zoo_config = get_zoo_config
+    return ["dataset_zoo_missing"]
+
+
+def patch_multilabel_macro_f1(mod) -> list[str]:
+    # rc10's multilabel_macro_f1 derives from F1, not MultiLabelF1: it scores the argmax class of multi-hot targets.
+    cls = mod.MultiLabelMacroF1
+    if issubclass(cls, mod.MultiLabelF1):
+        return []
+    original = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._multilabel = True
+
+    cls.__init__ = __init__
+    return ["multilabel_macro_f1"]
+
+
 POST_IMPORT = {"mmf.utils.configuration": patch_configuration,
                "mmf.datasets.base_dataset_builder": patch_dataset_builder,
-               "mmf.trainers.base_trainer": patch_trainer_anomaly}
+               "mmf.trainers.base_trainer": patch_trainer_anomaly,
+               "mmf.datasets.mmf_dataset_builder": patch_dataset_zoo,
+               "mmf.datasets.builders.mmimdb.builder": patch_mmimdb_builder,
+               "mmf.modules.metrics": patch_multilabel_macro_f1}
 
 
 class _Hook(importlib.abc.MetaPathFinder):

@@ -2,10 +2,12 @@
 
     model_config:
       fusion_classifier:
-        encoders:   {image: {type: cnn, ...}, text: {type: bow, ...}}   # order = order of the fusion's inputs
+        encoders:   {image: {type: cnn, ...}, text: {type: bow, ...}}   # order = order of the fusion's inputs;
+                    # each reads the batch field named like it, or `field: image_feature_0` (`bert`: the tokens)
         fusion:     {type: deq, params: {jac_weight: 0.1, f_max_iter: 30}}   # or mutan, linear_sum, block, ...
         fusion_dim: 128
-        num_labels: 13
+        num_labels: 13          # null: the dataset's answer vocabulary size (mmimdb, vqa2, ...)
+        fusion_lr:  1.0e-4      # optional: the fusion's own learning rate
         losses:     [{type: cross_entropy}]
 
 Changing ``fusion.type`` is the paper's replace-only-the-fusion comparison. With `deq`, the Jacobian term is an
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from . import compat
-from .fusion import DEQFusionMMF, build_fusion
+from .fusion import DEQFusionMMF, _to_container, build_fusion
 
 compat.install()  # before the first `import mmf`
 from mmf.common.registry import registry  # noqa: E402
@@ -58,7 +60,8 @@ class BagOfWordsEncoder(nn.Module):
 
 
 class FeatureEncoder(nn.Module):
-    """Precomputed features [B, D] -> Linear + ReLU -> [B, out_dim] (e.g. MM-IMDB's image/text features)."""
+    """Precomputed features [B, D], or [B, N, D] region/grid features (mean over the non-zero, i.e. not padded,
+    rows) -> Linear + ReLU -> [B, out_dim] (e.g. MM-IMDB's 2048-d image features)."""
 
     def __init__(self, in_dim: int, out_dim: int = 512, dropout: float = 0.0):
         super().__init__()
@@ -66,21 +69,47 @@ class FeatureEncoder(nn.Module):
         self.out_dim = out_dim
 
     def forward(self, x):
-        return self.net(x)
+        if x.dim() == 3:
+            keep = (x.abs().sum(-1, keepdim=True) > 0).to(x.dtype)
+            x = (x * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return self.net(x.float())
 
 
-ENCODERS = {"cnn": CNNEncoder, "bow": BagOfWordsEncoder, "features": FeatureEncoder}
+class BertEncoder(nn.Module):
+    """BERT over the fields of MMF's `bert_tokenizer` processor (input_ids, input_mask, segment_ids) -> pooled
+    [CLS] -> [B, hidden] (MMBT's text side). ``pretrained: false`` builds an untrained BERT from ``config``."""
+
+    reads_sample_list = True
+
+    def __init__(self, model: str = "bert-base-uncased", pretrained: bool = True, config: dict | None = None,
+                 dropout: float = 0.1):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        self.bert = BertModel.from_pretrained(model) if pretrained else BertModel(BertConfig(**(config or {})))
+        self.dropout = nn.Dropout(dropout)
+        self.out_dim = self.bert.config.hidden_size
+
+    def forward(self, sample_list):
+        out = self.bert(input_ids=sample_list["input_ids"], attention_mask=sample_list["input_mask"],
+                        token_type_ids=sample_list["segment_ids"])
+        return self.dropout(out.pooler_output)
+
+
+ENCODERS = {"cnn": CNNEncoder, "bow": BagOfWordsEncoder, "features": FeatureEncoder, "bert": BertEncoder}
 
 
 def _encoder(key: str, cfg) -> nn.Module:
     kind = cfg.get("type") if hasattr(cfg, "get") else None
     if kind not in ENCODERS:
         raise KeyError(f"{key}.type: expected one of {', '.join(ENCODERS)}, got {kind!r}")
-    params = dict(cfg.get("params", None) or {})
+    params = dict(_to_container(cfg.get("params", None) or {}))
     try:
-        return ENCODERS[kind](**params)
+        encoder = ENCODERS[kind](**params)
     except TypeError as exc:
         raise KeyError(f"{key}.params: {exc}") from exc
+    encoder.field = cfg.get("field", None)   # the sample list's key it reads (default: the modality's name)
+    return encoder
 
 
 @registry.register_model("fusion_classifier")
@@ -105,19 +134,19 @@ class FusionClassifier(BaseModel):
             raise KeyError(f"{key}.encoders: missing (one entry per modality, in the order the fusion gets them)")
         self.modalities = list(encoders.keys())
         self.encoders = nn.ModuleDict({m: _encoder(f"{key}.encoders.{m}", encoders[m]) for m in self.modalities})
-        for name in ("fusion_dim", "num_labels"):
-            if self.config.get(name, None) is None:
-                raise KeyError(f"{key}.{name}: missing")
+        if self.config.get("fusion_dim", None) is None:
+            raise KeyError(f"{key}.fusion_dim: missing")
+        self.num_labels = self.config.get("num_labels", None) or _labels_from_dataset(key)
         dims = [self.encoders[m].out_dim for m in self.modalities]
         self.fusion = build_fusion(self.config.get("fusion", None), dims, self.config.fusion_dim, key=f"{key}.fusion")
         if isinstance(self.fusion, DEQFusionMMF):
             self.fusion.report_jacobian = True   # we put it into the losses dict ourselves
             self.fusion.deq.track_gates = bool(self.config.get("track_gates", False))
         self.classifier = nn.Sequential(nn.Dropout(float(self.config.get("dropout", 0.0))),
-                                        nn.Linear(self.config.fusion_dim, self.config.num_labels))
+                                        nn.Linear(self.config.fusion_dim, self.num_labels))
 
     def forward(self, sample_list):
-        features = [self.encoders[m](sample_list[m]) for m in self.modalities]
+        features = [self._encode(m, sample_list) for m in self.modalities]
         output = {"scores": self.classifier(self.fusion(features))}
         if isinstance(self.fusion, DEQFusionMMF):
             self._record(self.fusion.last_stats)
@@ -128,6 +157,26 @@ class FusionClassifier(BaseModel):
                 losses[name] = (self.fusion.jac_weight * jac).view(1)
                 output["losses"] = losses
         return output
+
+    def get_optimizer_parameters(self, config):
+        """``fusion_lr``: a learning rate of the fusion's own (the paper: 1e-4 for DEQ on MM-IMDB, 1e-3 elsewhere);
+        null: one group at the optimizer's learning rate."""
+        lr = self.config.get("fusion_lr", None)
+        if lr is None:
+            return list(self.parameters())
+        fusion = {id(p) for p in self.fusion.parameters()}
+        return [{"params": [p for p in self.parameters() if id(p) not in fusion]},
+                {"params": list(self.fusion.parameters()), "lr": float(lr)}]
+
+    def _encode(self, modality, sample_list):
+        encoder = self.encoders[modality]
+        if getattr(encoder, "reads_sample_list", False):
+            return encoder(sample_list)
+        field = encoder.field or modality
+        if field not in sample_list:
+            raise KeyError(f"model_config.{self.config.get('model', 'fusion_classifier')}.encoders.{modality}: the "
+                           f"batch has no field {field!r} (set `field:`); it has {', '.join(sorted(sample_list))}")
+        return encoder(sample_list[field])
 
     # -- solver statistics into MMF's log --------------------------------------------------------------------
     def _record(self, stats):
@@ -150,6 +199,18 @@ class FusionClassifier(BaseModel):
             writer.write(line)
         else:
             print(line, flush=True)
+
+
+def _labels_from_dataset(key: str) -> int:
+    """`num_labels: null`: the answer vocabulary's size, which MMF's VQA-style builders (mmimdb, vqa2, ...)
+    register as `<dataset>_num_final_outputs`."""
+    config = registry.get("config", no_warning=True)
+    datasets = str(config.get("datasets", "") if config is not None else "").split(",")
+    sizes = {registry.get(f"{d}_num_final_outputs", None, no_warning=True) for d in datasets if d}
+    sizes.discard(None)
+    if len(sizes) != 1:
+        raise KeyError(f"{key}.num_labels: missing, and the dataset registered no single answer vocabulary size")
+    return int(sizes.pop())
 
 
 class _SolverLog:
