@@ -52,6 +52,8 @@ def main(args) -> int:
     opts = [f"config={config}", "model=fusion_classifier", "dataset=easy_vqa", f"env.save_dir={out / 'save'}"]
     if args.max_updates:
         opts.append(f"training.max_updates={args.max_updates}")
+    # Tiny ops: two threads were no faster than one on 2 idle cores, and spin-waited for minutes on busy ones.
+    torch.set_num_threads(max(1, int(args.threads)))
     t0 = time.time()
     run(opts=opts + list(args.mmf_opts))
     # MMF's logger (training.stdout_capture) has taken over sys.stdout by now: print to the real one

@@ -74,6 +74,8 @@ def deqfusion_add_commands(subparsers):
     p.add_argument("--fusion", default="deq", help="deq (default) or linear_sum (the baseline config)")
     p.add_argument("--out", default="runs/mmf_easy_vqa", help="folder for MMF's save dir and the plots")
     p.add_argument("--max-updates", type=int, default=None, help="override training.max_updates")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the demo's ops are "
+                                                          "tiny; extra threads only wait on a busy machine)")
     p.add_argument("mmf_opts", nargs="*", help="more MMF options, e.g. training.batch_size=32")
     p.set_defaults(func=cmd_demo)
 
