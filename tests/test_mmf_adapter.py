@@ -185,7 +185,7 @@ def _compose(*opts):
 
 
 @pytest.mark.parametrize("fusion", ["deq", "linear_sum"])
-def test_mmimdb_configs_compose_and_model_runs_on_its_batch_format(fusion, monkeypatch):
+def test_mmimdb_configs_compose_and_model_runs_on_its_batch_format(fusion, monkeypatch, tmp_path):
     from omegaconf import OmegaConf
 
     from deqfusion_adapters.mmf import CONFIG_DIR
@@ -216,7 +216,8 @@ def test_mmimdb_configs_compose_and_model_runs_on_its_batch_format(fusion, monke
     model = FusionClassifier(model_config)
     model.build()
     model.init_losses()
-    tokens = _bert_tokens(data.processors.text_processor, ["a man returns home", "the ship sinks at night"] * 2)
+    tokens = _bert_tokens(data.processors.text_processor, ["a man returns home", "the ship sinks at night"] * 2,
+                          tmp_path)
     features = torch.randn(4, 100, 2048)
     features[:, 50:] = 0  # padding rows
     batch = SampleList([{**t, "image_feature_0": f, "targets": (torch.rand(24) > 0.7).float()}
@@ -233,17 +234,13 @@ def test_mmimdb_configs_compose_and_model_runs_on_its_batch_format(fusion, monke
         assert len(groups) == len(list(model.parameters()))
 
 
-def _bert_tokens(processor_config, texts):
+def _bert_tokens(processor_config, texts, folder):
     """rc10's own `bert_tokenizer` processor (current transformers) with the experiment's params, on a local
     word-piece vocabulary instead of bert-base-uncased's (no download)."""
-    import tempfile
-    from pathlib import Path
-
     from mmf.datasets.processors.processors import Processor
     from omegaconf import OmegaConf
 
     words = "[PAD] [UNK] [CLS] [SEP] [MASK] a man returns home the ship sinks at night".split()
-    folder = Path(tempfile.mkdtemp())
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
     (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer", "do_lower_case": true}')
     config = OmegaConf.merge(processor_config, {"params": {"tokenizer_config": {"type": str(folder)}}})
