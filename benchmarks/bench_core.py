@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -187,14 +188,20 @@ def train_steps(args, ours, xs, head, labels, R, report):
                                               f_evals=st.nstep, b_evals=st.backward.nstep,
                                               grad_rel_err=rel_err(param_grads(m), truth))
     if R is not None:
-        ref = R.DEQFusion(ours.dim, ours.num_modalities, f_thres=105, b_thres=106, stop_mode="abs")
-        copy_weights_to_reference(ours, ref)
-        ref.train()
-        samples = [reference_step(ref, xs, head, labels) for _ in range(max(1, args.repeats))]
-        fw, bw = statistics.median(s[1] for s in samples), statistics.median(s[2] for s in samples)
-        g = reference_grads(ours, ref)
-        rows["reference defaults (f 105 abs, b 106)"] = dict(step_s=fw + bw, forward_s=fw, backward_s=bw,
-                                                             bwd_fwd_ratio=bw / fw, grad_rel_err=rel_err(g, truth))
+        # the reference as released (its defaults), and with both of its solves stopping at a relative
+        # residual of 1e-6 (set on the instance: its solvers take `eps`), to reach a smaller gradient error
+        variants = {"reference defaults (f 105 abs, b 106)": None, "reference, f/b stop at rel 1e-6 (cap 105/106)": 1e-6}
+        for name, eps in variants.items():
+            ref = R.DEQFusion(ours.dim, ours.num_modalities, f_thres=105, b_thres=106,
+                              stop_mode="abs" if eps is None else "rel")
+            if eps is not None:
+                ref.f_solver = ref.b_solver = functools.partial(R.anderson, eps=eps)
+            copy_weights_to_reference(ours, ref)
+            ref.train()
+            samples = [reference_step(ref, xs, head, labels) for _ in range(args.repeats)]
+            fw, bw = statistics.median(s[1] for s in samples), statistics.median(s[2] for s in samples)
+            rows[name] = dict(step_s=fw + bw, forward_s=fw, backward_s=bw, bwd_fwd_ratio=bw / fw,
+                              grad_rel_err=rel_err(reference_grads(ours, ref), truth))
     try:
         for tol in (1e-3, 1e-4):
             m = copy.deepcopy(ours).train()
@@ -217,10 +224,10 @@ def train_steps(args, ours, xs, head, labels, R, report):
 def warm_started(args, ours, xs, head, labels, R, report):
     """Repeated full-batch training steps (MM-Dynamics style): warm-started forward and backward solves."""
     rows = {}
-    for name, warm in (("deqfusion warm start, tol 1e-4", True), ("deqfusion cold start, tol 1e-4", False)):
+    for name, warm in (("deqfusion warm start, tol 1e-6", True), ("deqfusion cold start, tol 1e-6", False)):
         m = copy.deepcopy(ours).train()
-        m.f_tol = m.b_tol = 1e-4
-        m.f_max_iter = m.b_max_iter = 105
+        m.f_tol = m.b_tol = 1e-6
+        m.f_max_iter = m.b_max_iter = 200
         opt = torch.optim.Adam(m.parameters(), lr=1e-4)
         prev, times, evals = None, [], []
         for i in range(args.repeats + 1):
@@ -305,18 +312,31 @@ def summary(report):
     out = {}
     train, ref_name = report.get("train_step", {}), "reference defaults (f 105 abs, b 106)"
     ours = {k: v for k, v in train.items() if k.startswith("deqfusion tol")}
+    refs = {k: v for k, v in train.items() if k.startswith("reference")}
     for bar in (1e-3, 1e-4):
         ok = [(v["step_s"], k) for k, v in ours.items() if v["grad_rel_err"] <= bar]
         if not ok:
             out[f"train step at grad error <= {bar:g}"] = "not reached by the tolerances tried"
             continue
         t, k = min(ok)
-        ref = train.get(ref_name)
-        ratio = f", {ref['step_s'] / t:.1f}x faster than the reference (its error {ref['grad_rel_err']:.1e})" if ref else ""
-        out[f"train step at grad error <= {bar:g}"] = f"{t:.2f} s ({k}){ratio}"
-    warm, ref = report.get("warm_start", {}).get("deqfusion warm start, tol 1e-4"), train.get(ref_name)
-    if warm and ref:
-        out["repeated full-batch steps, warm-started"] = f"{warm['step_s']:.2f} s/step, {ref['step_s'] / warm['step_s']:.1f}x faster than the reference"
+        ref_ok = [(v["step_s"], n) for n, v in refs.items() if v["grad_rel_err"] <= bar]
+        if ref_ok:
+            rt, rn = min(ref_ok)
+            vs = f", {rt / t:.1f}x faster than the reference at the same error ({rn}: {rt:.2f} s)"
+        elif refs:
+            best = min(refs.values(), key=lambda v: v["grad_rel_err"])
+            vs = (f"; the reference does not reach it (its smallest error {best['grad_rel_err']:.1e}); "
+                  f"vs its defaults: {train[ref_name]['step_s'] / t:.1f}x")
+        else:
+            vs = ""
+        out[f"train step at grad error <= {bar:g}"] = f"{t:.2f} s ({k}){vs}"
+    warm = report.get("warm_start", {}).get("deqfusion warm start, tol 1e-6")
+    if warm and refs:
+        ref_ok = [(v["step_s"], n) for n, v in refs.items() if v["grad_rel_err"] <= 1e-4] or [
+            (train[ref_name]["step_s"], ref_name)]
+        rt, rn = min(ref_ok)
+        out["repeated full-batch steps, warm-started (tol 1e-6)"] = (
+            f"{warm['step_s']:.2f} s/step, {rt / warm['step_s']:.1f}x faster than the reference ({rn}: {rt:.2f} s)")
     fwd = report.get("forward", {})
     for k, v in fwd.items():
         out[f"forward solve time / (f evals x one f): {k}"] = f"{v['overhead']:.2f}"
