@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference import copy_weights_to_reference, load_reference, reference_grads, reference_root  # noqa: E402
 
 from deqfusion_core.bench import contractive_problem  # noqa: E402
-from deqfusion_core.module import _Injection  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -40,11 +39,6 @@ def build(args, seed=0):
 
 def loss_of(fused, head, labels):
     return F.cross_entropy(head(fused), labels)
-
-
-def injection(m, xs):
-    x_fuse = sum(w * x for w, x in zip(m.weights, xs)) + m.bias
-    return _Injection(xs, x_fuse, None, None)
 
 
 def timed(fn, repeats):
@@ -73,7 +67,7 @@ def unrolled_ground_truth(ours, xs, head, labels, steps=300, damping=0.5):
     Returns (gradient, max relative residual of the last step)."""
     m = copy.deepcopy(ours)
     m.zero_grad()
-    inj = injection(m, xs)
+    inj = m.inject(xs)
     z = torch.zeros(xs[0].shape[0], m.state_width)
     step = lambda s: torch.lerp(s, m.layer(s, inj), damping)
     for _ in range(steps):
@@ -112,7 +106,7 @@ def torchdeq_step(m, xs, head, labels, tol, max_iter):
                   b_solver="anderson", b_max_iter=max_iter, b_tol=tol, b_stop_mode="rel", ift=True)
     m.zero_grad()
     t0 = time.perf_counter()
-    inj = injection(m, xs)
+    inj = m.inject(xs)
     z0 = torch.zeros(xs[0].shape[0], m.state_width)
     z_out, info = deq(lambda z: m.layer(z, inj), z0)
     z = z_out[-1]
@@ -134,7 +128,7 @@ def count_calls(fn):
 def forward_solve(args, ours, xs, R, report):
     """f evaluations and time to relative residual 1e-3, and solver overhead over bare f evaluations."""
     m = copy.deepcopy(ours).eval()
-    inj = injection(m, xs)
+    inj = m.inject(xs)
     z0 = torch.zeros(xs[0].shape[0], m.state_width)
     with torch.no_grad():
         t_f, _ = timed(lambda: m.layer(z0 + 0.1, inj), args.repeats * 3)

@@ -257,12 +257,17 @@ class DEQFusion(nn.Module):
             raise ValueError(f"{name}: expected a state of shape [{batch}, {self.state_width}], got {shape}")
         return z0.detach().to(dtype)
 
+    def inject(self, xs: Sequence[torch.Tensor]) -> _Injection:
+        """The constants of f for one forward: projected inputs, x_fuse (Eq. 12) and the dropout masks."""
+        xs = [p(x) for p, x in zip(self.proj, xs)]
+        x_fuse = sum(w * x for w, x in zip(self.weights, xs)) + self.bias
+        return _Injection(xs, x_fuse, *self._dropout_masks(x_fuse))
+
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, xs: Sequence[torch.Tensor], z0: torch.Tensor | None = None,
                 warm_start: SolverStats | None = None) -> DEQFusionOutput:
-        xs = self._check_inputs(xs)
-        xs = [p(x) for p, x in zip(self.proj, xs)]
-        x_fuse = sum(w * x for w, x in zip(self.weights, xs)) + self.bias
+        inj = self.inject(self._check_inputs(xs))
+        xs, x_fuse = inj.xs, inj.x_fuse
         B = x_fuse.shape[0]
         # The solver state is at least float32: Anderson's small solves and the residuals need it.
         dtype = torch.promote_types(x_fuse.dtype, torch.float32)
@@ -271,7 +276,6 @@ class DEQFusion(nn.Module):
         z0 = self._check_state(z0, "z0", B, dtype)
         if z0 is None:
             z0 = torch.zeros(B, self.state_width, dtype=dtype, device=x_fuse.device)
-        inj = _Injection(xs, x_fuse, *self._dropout_masks(x_fuse))
         training = self.training and torch.is_grad_enabled()
         if not self.equilibrium:
             return self._weight_tied(z0, inj, training)

@@ -40,11 +40,7 @@ def test_output_is_a_fixed_point():
     assert out.fused.shape == (5, 8)
     assert out.stats.converged and out.stats.nstep < 200
     z = out.stats.state
-    inj = m.layer  # recompute f(z*) independently of the solver
-    x_proj = [p(x) for p, x in zip(m.proj, xs)]
-    x_fuse = sum(w * x for w, x in zip(m.weights, x_proj)) + m.bias
-    from deqfusion_core.module import _Injection
-    fz = inj(z, _Injection(x_proj, x_fuse, None, None))
+    fz = m.layer(z, m.inject(xs))  # recompute f(z*) independently of the solver
     rel = ((fz - z).norm(dim=1) / fz.norm(dim=1)).max().item()
     assert rel <= 1e-9
     torch.testing.assert_close(out.fused, z.view(5, 4, 8)[:, -1])
@@ -295,9 +291,7 @@ def test_backward_shrinks_to_running_samples_and_stays_exact():
     del m.layer
     # exact ground truth at the same fixed point: a dense solve with the full Jacobian of f
     # (this model can have several fixed points per sample, so no iteration from zero is used)
-    from deqfusion_core.module import _Injection
-    x_proj = [p(x) for p, x in zip(m.proj, xs)]
-    inj = _Injection(x_proj, sum(w * x for w, x in zip(m.weights, x_proj)) + m.bias, None, None)
+    inj = m.inject(xs)
     z = out.stats.state.clone().requires_grad_()
     J = torch.autograd.functional.jacobian(lambda s: m.layer(s, inj), z).reshape(z.numel(), z.numel())
     fz = m.layer(z, inj)
