@@ -18,6 +18,8 @@ import sys
 import types
 from pathlib import Path
 
+from deqfusion_patches.isolated_import import provided
+
 ENV = "DEQFUSION_REFERENCE_ROOT"
 
 
@@ -49,22 +51,16 @@ def load_reference(path: str | os.PathLike | None = None) -> types.ModuleType:
             import termcolor  # noqa: F401
         except ImportError:  # only a debugging helper of the reference uses it
             sys.modules["termcolor"] = types.SimpleNamespace(colored=lambda text, *a, **k: text)
-    mods = {}
-    saved = {n: sys.modules.get(n) for n in ("solver", "jacobian")}
-    try:
-        for name in ("solver", "jacobian", "DEQ_fusion"):
-            mod = types.ModuleType(f"deqfusion_reference.{name}")
-            mod.__file__ = str(root / f"{name}.py")
-            src = (root / f"{name}.py").read_text()
-            exec(compile(_transform(src), mod.__file__, "exec"), mod.__dict__)
-            mods[name] = sys.modules[name] = mod  # DEQ_fusion does `from solver import ...`
-    finally:
-        for n, m in saved.items():
-            if m is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = m
-    return mods["DEQ_fusion"]
+    helpers = {name: _exec_transformed(root, name) for name in ("solver", "jacobian")}
+    with provided(helpers):  # DEQ_fusion does `from solver import ...`
+        return _exec_transformed(root, "DEQ_fusion")
+
+
+def _exec_transformed(root: Path, name: str) -> types.ModuleType:
+    mod = types.ModuleType(f"deqfusion_reference.{name}")
+    mod.__file__ = str(root / f"{name}.py")
+    exec(compile(_transform((root / f"{name}.py").read_text()), mod.__file__, "exec"), mod.__dict__)
+    return mod
 
 
 def matching_parameters(ours, ref) -> list[tuple[str, object, list]]:
