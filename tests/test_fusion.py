@@ -130,6 +130,26 @@ def test_shared_gate_shortcut_equals_per_modality_gates():
     torch.testing.assert_close(fb(z_fuse, zs, x_fuse), explicit)
 
 
+@pytest.mark.parametrize("shape", [(7, 12), (5, 12, 3)])
+def test_group_norm_equals_torch_group_norm_forward_and_backward(shape):
+    from deqfusion_core.module import GroupNorm
+
+    torch.manual_seed(0)
+    ours, theirs = GroupNorm(4, 12).double(), torch.nn.GroupNorm(4, 12).double()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(*shape, dtype=torch.float64)
+    grads = []
+    for m in (ours, theirs):
+        y = m(x)
+        grads.append((y, *torch.autograd.grad(y, [x, *m.parameters()], v)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_gate_tracking_records_per_modality_means():
     m = model(torch.float32, track_gates=True, f_tol=1e-4, f_max_iter=40)
     out = m(inputs(DIMS))
