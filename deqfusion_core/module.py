@@ -356,22 +356,28 @@ class DEQFusion(nn.Module):
         @torch.compiler.disable
         def backward_solve(vjp, grad):
             grad = grad.detach()
-            g_init = torch.zeros_like(grad) if g0 is None else g0.to(grad)
-            graph = {"rows": None, "vjp": vjp, "buf": g_init.clone(), "pos": None, "for": None}
+            # cold start at grad, the first iterate from zero (that step's VJP would be of zeros)
+            g_init = grad.clone() if g0 is None else g0.to(grad)
+            # the graph's batch: all rows, or those running when f was last re-applied ("inv" maps a
+            # batch row to its position there); "pos": the positions of the rows the solver runs now
+            graph = {"inv": None, "size": grad.shape[0], "vjp": vjp, "buf": g_init.clone(), "pos": None, "for": None}
+
+            def position(rows):
+                return rows if graph["inv"] is None else graph["inv"][rows]
 
             def h(g, rows):  # g -> g J + grad on the rows still running
                 if rows is None:
                     return graph["vjp"](g) + grad
                 if rows is not graph["for"]:
-                    size = grad.shape[0] if graph["rows"] is None else graph["rows"].numel()
-                    if 2 * rows.numel() <= size:
+                    if 2 * rows.numel() <= graph["size"]:
                         with torch.enable_grad():
                             z = z_star[rows].detach().requires_grad_()
                             fz = self.layer(z, inj.select(rows))
-                        graph.update(rows=rows, buf=graph["buf"][rows] if graph["rows"] is None else
-                                     graph["buf"][torch.searchsorted(graph["rows"], rows)],
+                        inv = torch.empty(grad.shape[0], dtype=torch.long, device=rows.device)
+                        inv[rows] = torch.arange(rows.numel(), device=rows.device)
+                        graph.update(buf=graph["buf"][position(rows)], inv=inv, size=rows.numel(),
                                      vjp=lambda v, fz=fz, z=z: torch.autograd.grad(fz, z, v, retain_graph=True)[0])
-                    graph["pos"] = rows if graph["rows"] is None else torch.searchsorted(graph["rows"], rows)
+                    graph["pos"] = position(rows)
                     graph["for"] = rows
                 buf, pos = graph["buf"], graph["pos"]
                 buf[pos] = g

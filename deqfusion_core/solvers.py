@@ -62,8 +62,8 @@ class _Tracker:
         self.done = False
 
     def update(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Record step ``x -> fx`` (residual ``g = fx - x``) for the working set. Returns a boolean mask
-        over the working set of the samples that keep running when some stopped (caller compacts), else None."""
+        """Record step ``x -> fx`` (residual ``g = fx - x``) for the working set. When some samples stopped,
+        returns ``compact``: the caller applies it to each of its per-sample tensors (dim 0 = working set)."""
         self.nstep += 1
         rows = self.rows
         g = fx - x if g is None else g
@@ -93,14 +93,31 @@ class _Tracker:
             return None
         if n_keep == keep.numel():
             return None
-        full = torch.arange(keep.numel(), device=keep.device) if rows is None else rows
-        self.rows = full[keep]
-        return keep
+        compact = _compaction(keep, n_keep)
+        full = torch.arange(keep.numel(), device=keep.device) if rows is None else rows.clone()
+        self.rows = compact(full)
+        return compact
 
     def result(self, gates=None) -> SolveResult:
         res = self.best_rel if self.stop == "rel" else self.best_abs
         converged = bool((res <= self.tol).all())
         return SolveResult(self.best, self.nstep, self.best_abs, self.best_rel, self.trace, converged, gates or [])
+
+
+def _compaction(keep: torch.Tensor, n_keep: int):
+    """Drop the stopped samples from the working set: the last running samples move into the places of
+    stopped ones below ``n_keep`` and the set is truncated to a view, so a step copies as many rows as
+    stopped, not the whole set (the working set's order is not the batch order; ``rows`` maps it).
+    No host sync: stopped-first ``argsort`` pairs the ascending stopped with the descending running."""
+    stopped = keep.numel() - n_keep
+    order = torch.argsort(keep.to(torch.uint8), stable=True)
+    c = min(stopped, n_keep)
+    holes, fillers = order[:c], order[stopped:].flip(0)[:c]   # holes >= n_keep land in the cut-off part
+
+    def compact(t: torch.Tensor) -> torch.Tensor:
+        t[holes] = t[fillers]
+        return t[:n_keep]
+    return compact
 
 
 @register_solver("fixed_point")
@@ -111,12 +128,12 @@ def fixed_point(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: 
     x = z0
     while True:
         fx = f(x, t.rows)
-        keep = t.update(x, fx)
+        compact = t.update(x, fx)
         if t.done:
             return t.result()
         x = fx if damping == 1.0 else torch.lerp(x, fx, damping)
-        if keep is not None:
-            x = x[keep]
+        if compact is not None:
+            x = compact(x)
 
 
 @register_solver("anderson")
@@ -143,11 +160,11 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
         j = k % m
         F[:, j] = fx
         g = torch.sub(fx, x, out=G[:, j])
-        keep = t.update(x, fx, g)
+        compact = t.update(x, fx, g)
         if t.done:
             return t.result()
-        if keep is not None:
-            F, G, GG = F[keep], G[keep], GG[keep]
+        if compact is not None:
+            F, G, GG = compact(F), compact(G), compact(GG)
         k += 1
         n = min(k, m)
         # the new residual against the history, as a row vector times G^T (10x faster than G @ g on CPU)
@@ -202,17 +219,17 @@ def broyden(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: floa
     x = z0
     fx = f(x, t.rows)
     gx = fx - x
-    keep = t.update(x, fx)
+    compact = t.update(x, fx)
     if t.done:
         return t.result()
-    if keep is not None:
-        x, gx, UTs, VTs = x[keep], gx[keep], UTs[keep], VTs[keep]
+    if compact is not None:
+        x, gx, UTs, VTs = compact(x), compact(gx), compact(UTs), compact(VTs)
     update = gx
     while True:
         x_new = x + update
         fx = f(x_new, t.rows)
         g_new = fx - x_new
-        keep = t.update(x_new, fx)
+        compact = t.update(x_new, fx)
         if t.done:
             return t.result()
         dx, dg = x_new - x, g_new - gx
@@ -224,6 +241,6 @@ def broyden(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: floa
         u = (dx - matvec(dg)) / torch.where(denom.abs() > 1e-12, denom, torch.ones_like(denom))
         UTs[:, n], VTs[:, n] = u, vT
         n += 1
-        if keep is not None:
-            x, gx, UTs, VTs = x[keep], gx[keep], UTs[keep], VTs[keep]
+        if compact is not None:
+            x, gx, UTs, VTs = compact(x), compact(gx), compact(UTs), compact(VTs)
         update = -matvec(gx)

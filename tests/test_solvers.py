@@ -107,3 +107,22 @@ def test_unknown_solver_and_bad_options():
         solve(f, torch.zeros_like(z_star), "anderson", m=0)
     with pytest.raises(ValueError, match="max_iter"):
         solve(f, torch.zeros_like(z_star), "fixed_point", max_iter=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compaction_keeps_exactly_the_running_rows_with_their_data(seed):
+    from deqfusion_core.solvers import _compaction
+
+    g = torch.Generator().manual_seed(seed)
+    W = 17
+    keep = torch.rand(W, generator=g) < (0.2, 0.5, 0.9, 1 / W, 0.0, 0.97)[seed]
+    keep[torch.randint(W, (1,), generator=g)] = True           # at least one runs (else the solver is done)
+    n_keep = int(keep.sum())
+    data = torch.randn(W, 3, 2, generator=g)
+    compact = _compaction(keep, n_keep)
+    rows = compact(torch.arange(W))
+    out = compact(data.clone())
+    assert sorted(rows.tolist()) == torch.arange(W)[keep].tolist()
+    torch.testing.assert_close(out, data[rows], rtol=0, atol=0)
+    moved = (rows != torch.arange(n_keep)).sum().item()          # only rows below n_keep that stopped move
+    assert moved == (~keep[:n_keep]).sum().item()
