@@ -1,7 +1,10 @@
 """DEQFusion inside DistributedDataParallel (two gloo processes on the CPU) gives the gradients of
 single-process training on the whole batch: no per-instance hooks or state break the replicas."""
+import datetime
 import os
 import socket
+import sys
+import traceback
 
 import pytest
 import torch
@@ -28,9 +31,11 @@ def loss_fn(fused):
 
 
 def worker(rank, port, out):
+    """One DDP replica. It leaves with os._exit, skipping teardown: torch 2.13's ProcessGroupGloo destructor
+    (run when DDP's reducer is freed) can deadlock on the GIL with gloo's runloop thread (1 run in ~5 here)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
+        dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
         m, xs = build()
         ddp = torch.nn.parallel.DistributedDataParallel(m)
         torch.manual_seed(100 + rank)          # Hutchinson probes: the same on every run of this rank
@@ -38,8 +43,13 @@ def worker(rank, port, out):
         loss_fn(ddp([x[half] for x in xs]).fused).backward()
         if rank == 0:
             torch.save([p.grad for p in m.parameters()], out)
-    finally:
-        dist.destroy_process_group()
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def free_port():
