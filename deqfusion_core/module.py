@@ -28,7 +28,7 @@ BACKWARD_MODES = ("implicit", "phantom", "onestep", "unrolled")
 class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters and state_dict) that computes [B, C] inputs as a layer norm over
     [B, G, C/G] and a per-channel affine: torch's group_norm kernel has no spatial extent to vectorise
-    over here and is 1.7x slower forward, 3x slower backward on CPU (612 x 500, benchmarks/README)."""
+    over here and is 1.7x slower forward, 3x slower backward on CPU (measured at 612 x 500, 4 groups)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:

@@ -140,3 +140,13 @@ def test_demo_runs_and_writes_plots(tmp_path):
     assert "val acc" in out.stdout and "rel residual" in out.stdout
     assert (tmp_path / "convergence.png").stat().st_size > 1000
     assert (tmp_path / "gates.png").stat().st_size > 1000
+
+
+def test_bench_prints_steps_and_times_per_tolerance():
+    out = subprocess.run([sys.executable, "-m", "deqfusion_core", "bench", "--batch", "16", "--dims", "8", "12",
+                          "--dim", "8", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("f_tol")]
+    assert [line.split(":")[0] for line in lines] == ["f_tol 0.001 b_tol 0.001", "f_tol 0.0001 b_tol 0.0001",
+                                                      "f_tol 1e-05 b_tol 0.0003"]
+    assert all("train step" in line and "steps" in line for line in lines)
