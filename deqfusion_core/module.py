@@ -48,9 +48,10 @@ class ModalityBlock(nn.Module):
         self.gn1, self.gn2, self.gn3 = (GroupNorm(num_groups, dim) for _ in range(3))
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.gn1(self.lin1(z)))
-        out = self.gn2(self.lin2(out) + x)
-        return self.gn3(F.relu(out + z))
+        # in place where the producer's backward does not need its output: fewer [B, dim] buffers per f
+        out = F.relu(self.gn1(self.lin1(z)), inplace=True)
+        out = self.gn2(self.lin2(out).add_(x))
+        return self.gn3(F.relu(out.add_(z), inplace=True))
 
 
 class FuseBlock(nn.Module):
@@ -81,7 +82,7 @@ class FuseBlock(nn.Module):
         out = self.fuse(purified)
         if fuse_mask is not None:
             out = out * fuse_mask
-        return self.gn(F.relu(out + x_fuse))
+        return self.gn(F.relu(out + x_fuse, inplace=True))
 
 
 class DEQFusionOutput(NamedTuple):
