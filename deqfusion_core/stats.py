@@ -48,6 +48,7 @@ class SolverStats:
     state: torch.Tensor | None = None       # detached solved state [B, (N+1)*dim]: pass as z0 to warm start
     backward: "SolverStats | None" = None   # filled in by the implicit backward
     backward_state: torch.Tensor | None = None  # detached backward solution: warm start of the next backward
+    previous_state: torch.Tensor | None = None  # the warm start's solved state (converged): for extrapolation
 
     @classmethod
     def from_result(cls, res: SolveResult, solver: str, max_iter: int, tol: float, stop: str) -> "SolverStats":

@@ -148,5 +148,5 @@ def test_bench_prints_steps_and_times_per_tolerance():
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line.startswith("f_tol")]
     assert [line.split(":")[0] for line in lines] == ["f_tol 0.001 b_tol 0.001", "f_tol 0.0001 b_tol 0.0001",
-                                                      "f_tol 1e-05 b_tol 0.0003"]
+                                                      "f_tol 1e-06 b_tol 0.0003"]
     assert all("train step" in line and "steps" in line for line in lines)

@@ -217,6 +217,35 @@ def test_warm_start_takes_fewer_steps_and_same_answer():
     assert again.stats.nstep < cold.stats.nstep
 
 
+def test_warm_start_extrapolates_along_the_last_step_when_parameters_move_smoothly():
+    m = model(torch.float64, solver="fixed_point", f_tol=1e-10, f_max_iter=200, jac_samples=0)
+    xs = inputs(DIMS, dtype=torch.float64)
+    direction = [1e-3 * torch.randn_like(p) for p in m.parameters()]
+
+    def step():  # the parameters move along a line, as small optimizer steps nearly do
+        with torch.no_grad():
+            for p, d in zip(m.parameters(), direction):
+                p.add_(d)
+
+    s0 = m(xs).stats
+    step()
+    s1 = m(xs, warm_start=s0).stats          # s0 was cold: a plain warm start, which s1 records
+    assert s1.converged and s1.previous_state is s0.state
+    step()
+    extrapolated = m(xs, warm_start=s1)
+    m.extrapolate_warm_start = False
+    plain = m(xs, warm_start=s1)
+    assert extrapolated.stats.converged and plain.stats.converged
+    assert extrapolated.stats.nstep < plain.stats.nstep
+    torch.testing.assert_close(extrapolated.fused, plain.fused, atol=1e-8, rtol=1e-8)
+    # a warm start whose solve did not converge is neither extrapolated nor extrapolated from
+    m.extrapolate_warm_start, m.f_max_iter = True, 2
+    capped = m(xs, warm_start=s1).stats
+    assert not capped.converged and capped.previous_state is s1.state
+    assert m(xs, warm_start=capped).stats.previous_state is None
+    assert m._warm_state(capped) is capped.state
+
+
 def test_nonconvergence_returns_best_iterate_and_says_so():
     m = model(torch.float32, f_max_iter=2, f_tol=1e-12)
     out = m(inputs(DIMS))
