@@ -11,18 +11,26 @@ and ``z0`` is ``[B, L]``. Per-sample behaviour:
 - the only host synchronisation per step is the one the stopping test needs, and it also
   detects non-finite residuals (:class:`DEQConvergenceError`).
 
-Solvers are registered by name (``register_solver``) in the timm way; ``get_solver(name)``.
+Solvers are registered by name (``register_solver``) in the timm way; ``get_solver(name)``. A new solver
+builds on :class:`Tracker`, which owns the residuals, the stopping rule and the working set. A solve's
+settings (solver, cap, tolerance, stopping rule, options) travel as one validated :class:`SolveConfig`.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import inspect
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Optional
 
 import torch
 
-from .stats import DEQConvergenceError, SolveResult
+from .stats import DEQConvergenceError, SolveResult, SolverStats
+
+__all__ = ["SOLVERS", "register_solver", "get_solver", "solve", "SolveConfig", "Tracker",
+           "fixed_point", "anderson", "broyden"]
 
 FixedPointMap = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 SOLVERS: dict[str, Callable[..., SolveResult]] = {}
+_SOLVE_ARGS = ("max_iter", "tol", "stop")   # what every solver takes besides its own options
 
 
 def register_solver(name: str):
@@ -43,17 +51,65 @@ def solve(f: FixedPointMap, z0: torch.Tensor, solver: str = "anderson", **kwargs
     return get_solver(solver)(f, z0, **kwargs)
 
 
-class _Tracker:
-    """Residuals, per-sample stopping, best iterates and the trace, shared by all solvers."""
+@dataclass(frozen=True)
+class SolveConfig:
+    """The settings of one root solve: solver name, iteration cap, tolerance, stopping rule (``"rel"`` or
+    ``"abs"`` residual) and the solver's own options. Validated on construction and on ``replace``;
+    errors name the argument the value came from (``argnames`` maps a field to it, e.g. ``f_max_iter``)."""
 
-    def __init__(self, z0: torch.Tensor, tol: float, stop: str, max_iter: int, eps: float = 1e-8):
+    solver: str = "anderson"
+    max_iter: int = 30
+    tol: float = 1e-3
+    stop: str = "rel"
+    options: Mapping = field(default_factory=dict)
+    argnames: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        name = lambda key: self.argnames.get(key, key)
+        if self.solver not in SOLVERS:
+            raise ValueError(f"{name('solver')}: unknown solver {self.solver!r}; known: {', '.join(sorted(SOLVERS))}")
+        if self.stop not in ("rel", "abs"):
+            raise ValueError(f"{name('stop')}: expected 'rel' or 'abs', got {self.stop!r}")
+        if not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise ValueError(f"{name('max_iter')}: must be an int >= 1, got {self.max_iter!r}")
+        if not self.tol > 0:
+            raise ValueError(f"{name('tol')}: must be > 0, got {self.tol!r}")
+        params = inspect.signature(SOLVERS[self.solver]).parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            known = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _SOLVE_ARGS]
+            unknown = sorted(set(self.options) - set(known))
+            if unknown:
+                raise ValueError(f"{name('options')}: {self.solver} takes no option {', '.join(map(repr, unknown))}; "
+                                 f"its options: {', '.join(known) or 'none'}")
+
+    def replace(self, **changes) -> "SolveConfig":
+        return replace(self, **changes)
+
+    def run(self, f: FixedPointMap, z0: torch.Tensor) -> SolveResult:
+        return SOLVERS[self.solver](f, z0, max_iter=self.max_iter, tol=self.tol, stop=self.stop, **self.options)
+
+    def stats(self, res: SolveResult, **extra) -> SolverStats:
+        """The report of a solve run with these settings (the one place a SolveResult becomes statistics)."""
+        return SolverStats.from_result(res, self.solver, self.max_iter, self.tol, self.stop, **extra)
+
+
+class Tracker:
+    """Residuals, per-sample stopping, best iterates and the trace, shared by all solvers.
+
+    ``autograd=True`` is for a caller that records every step for autograd and returns its last iterate
+    (unrolled differentiation, weight-tied layers): every sample keeps running until all have stopped (no
+    working-set compaction), and the result reports the last step instead of the best iterate.
+    """
+
+    def __init__(self, z0: torch.Tensor, tol: float, stop: str, max_iter: int, eps: float = 1e-8, *,
+                 autograd: bool = False):
         if stop not in ("rel", "abs"):
             raise ValueError(f"stop: expected 'rel' or 'abs', got {stop!r}")
         if max_iter < 1:
             raise ValueError(f"max_iter: must be >= 1, got {max_iter}")
         B = z0.shape[0]
-        self.tol, self.stop, self.max_iter, self.eps = tol, stop, max_iter, eps
-        self.best = z0.clone()
+        self.tol, self.stop, self.max_iter, self.eps, self.autograd = tol, stop, max_iter, eps, autograd
+        self.best = None if autograd else z0.clone()
         inf = torch.full((B,), float("inf"), dtype=z0.dtype, device=z0.device)
         self.best_abs, self.best_rel = inf.clone(), inf.clone()
         self.rows: torch.Tensor | None = None  # global indices of the working set; None: all rows
@@ -70,6 +126,28 @@ class _Tracker:
         abs_res = g.norm(dim=1)
         rel_res = abs_res / (fx.norm(dim=1) + self.eps)
         res = rel_res if self.stop == "rel" else abs_res
+        if self.autograd:  # the caller returns its last iterate: report its step
+            self.best_abs, self.best_rel = abs_res, rel_res
+        else:
+            self._keep_best(x, res, abs_res, rel_res, rows)
+        self.trace.append(self.best_rel.max())
+        keep = ~(res <= self.tol)  # NaN never counts as converged
+        n_keep, n_bad = torch.stack([keep.sum(), (~torch.isfinite(res)).sum()]).tolist()  # the one sync
+        if n_bad:
+            where = "the inputs or parameters contain NaN/Inf" if self.nstep == 1 else "the solver diverged"
+            raise DEQConvergenceError(
+                f"non-finite residual in {int(n_bad)} sample(s) at solver step {self.nstep}: {where}")
+        if n_keep == 0 or self.nstep >= self.max_iter:
+            self.done = True
+            return None
+        if n_keep == keep.numel() or self.autograd:
+            return None
+        compact = _compaction(keep, n_keep)
+        full = torch.arange(keep.numel(), device=keep.device) if rows is None else rows.clone()
+        self.rows = compact(full)
+        return compact
+
+    def _keep_best(self, x, res, abs_res, rel_res, rows):
         best_res = self.best_rel if self.stop == "rel" else self.best_abs
         prev = best_res if rows is None else best_res[rows]
         better = res < prev
@@ -81,27 +159,13 @@ class _Tracker:
             self.best[rows] = torch.where(better[:, None], x, self.best[rows])
             self.best_abs[rows] = torch.where(better, abs_res, self.best_abs[rows])
             self.best_rel[rows] = torch.where(better, rel_res, self.best_rel[rows])
-        self.trace.append(self.best_rel.max())
-        keep = ~(res <= self.tol)  # NaN never counts as converged
-        n_keep, n_bad = torch.stack([keep.sum(), (~torch.isfinite(res)).sum()]).tolist()  # the one sync
-        if n_bad:
-            where = "the inputs or parameters contain NaN/Inf" if self.nstep == 1 else "the solver diverged"
-            raise DEQConvergenceError(
-                f"non-finite residual in {int(n_bad)} sample(s) at solver step {self.nstep}: {where}")
-        if n_keep == 0 or self.nstep >= self.max_iter:
-            self.done = True
-            return None
-        if n_keep == keep.numel():
-            return None
-        compact = _compaction(keep, n_keep)
-        full = torch.arange(keep.numel(), device=keep.device) if rows is None else rows.clone()
-        self.rows = compact(full)
-        return compact
 
-    def result(self, gates=None) -> SolveResult:
+    def result(self, z: torch.Tensor | None = None) -> SolveResult:
+        """The best iterate per sample and how it got there (``z``: the caller's last iterate instead)."""
         res = self.best_rel if self.stop == "rel" else self.best_abs
         converged = bool((res <= self.tol).all())
-        return SolveResult(self.best, self.nstep, self.best_abs, self.best_rel, self.trace, converged, gates or [])
+        return SolveResult(self.best if z is None else z, self.nstep, self.best_abs, self.best_rel, self.trace,
+                           converged)
 
 
 def _compaction(keep: torch.Tensor, n_keep: int):
@@ -124,7 +188,7 @@ def _compaction(keep: torch.Tensor, n_keep: int):
 def fixed_point(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3,
                 stop: str = "rel", damping: float = 1.0) -> SolveResult:
     """Plain (optionally damped) fixed-point iteration z <- (1 - damping) z + damping f(z)."""
-    t = _Tracker(z0, tol, stop, max_iter)
+    t = Tracker(z0, tol, stop, max_iter)
     x = z0
     while True:
         fx = f(x, t.rows)
@@ -148,7 +212,7 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
     """
     if m < 1:
         raise ValueError(f"m: Anderson history must be >= 1, got {m}")
-    t = _Tracker(z0, tol, stop, max_iter)
+    t = Tracker(z0, tol, stop, max_iter)
     B, L = z0.shape
     F = z0.new_zeros(B, m, L)      # f(x) history
     G = z0.new_zeros(B, m, L)      # residual history
@@ -197,7 +261,7 @@ def broyden(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: floa
     """
     if memory < 1:
         raise ValueError(f"memory: must be >= 1, got {memory}")
-    t = _Tracker(z0, tol, stop, max_iter)
+    t = Tracker(z0, tol, stop, max_iter)
     B, L = z0.shape
     UTs = z0.new_zeros(B, memory, L)   # U^T and V^T: products with them are row vector x [n, L] matrix
     VTs = z0.new_zeros(B, memory, L)   # (10x faster on CPU than [L, n] or [n, L] x column vector)

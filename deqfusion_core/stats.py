@@ -28,11 +28,37 @@ class SolveResult:
     gates: list[torch.Tensor] = field(default_factory=list)  # per step [N] mean gate per modality
 
 
+class BackwardReport:
+    """Where a solve that runs after forward returned (the implicit backward's) reports.
+
+    The forward's :class:`SolverStats` holds it and reads it as ``stats.backward``; the backward sets
+    ``result``, the SolveResult its solve returned, when it runs. ``config`` (a
+    :class:`~deqfusion_core.solvers.SolveConfig`) turns that result into statistics.
+    """
+
+    __slots__ = ("config", "result", "_stats")
+
+    def __init__(self, config):
+        self.config, self.result, self._stats = config, None, None
+
+    @property
+    def stats(self) -> "SolverStats | None":
+        if self.result is None:
+            return None
+        if self._stats is None or self._stats[0] is not self.result:
+            self._stats = (self.result, self.config.stats(self.result))
+        return self._stats[1]
+
+
 @dataclass
 class SolverStats:
-    """Statistics of one DEQFusion forward (and, once backward ran, of its backward solve).
+    """Statistics of one DEQFusion forward and, once backward ran, of its backward solve (``backward``).
 
     Floats are computed lazily from device tensors, so reading them is the only host sync.
+
+    Besides reporting, a SolverStats has one more job: it is the warm-start token of the next call on the
+    same samples, ``fusion(xs, warm_start=stats)``. ``state``, ``previous_state`` and ``backward_state``
+    serve that job only.
     """
 
     solver: str
@@ -45,18 +71,30 @@ class SolverStats:
     rel_residuals: torch.Tensor
     trace_tensor: torch.Tensor | None = None
     gates: torch.Tensor | None = None       # [steps, N] mean gate value per modality and step
+    # -- the warm start of the next call ------------------------------------------------------------
     state: torch.Tensor | None = None       # detached solved state [B, (N+1)*dim]: pass as z0 to warm start
-    backward: "SolverStats | None" = None   # filled in by the implicit backward
-    backward_state: torch.Tensor | None = None  # detached backward solution: warm start of the next backward
     previous_state: torch.Tensor | None = None  # the warm start's solved state (converged): for extrapolation
+    backward_report: BackwardReport | None = field(default=None, repr=False)  # the implicit backward's
 
     @classmethod
-    def from_result(cls, res: SolveResult, solver: str, max_iter: int, tol: float, stop: str) -> "SolverStats":
+    def from_result(cls, res: SolveResult, solver: str, max_iter: int, tol: float, stop: str,
+                    **extra) -> "SolverStats":
         return cls(solver=solver, nstep=res.nstep, max_iter=max_iter, tol=tol, stop=stop,
                    converged=res.converged, abs_residuals=res.abs_residuals.detach(),
                    rel_residuals=res.rel_residuals.detach(),
                    trace_tensor=torch.stack(res.trace).detach() if res.trace else None,
-                   gates=torch.stack(res.gates).detach() if res.gates else None)
+                   gates=torch.stack(res.gates).detach() if res.gates else None, **extra)
+
+    @property
+    def backward(self) -> "SolverStats | None":
+        """Statistics of the implicit backward's solve, once it ran (else None)."""
+        return None if self.backward_report is None else self.backward_report.stats
+
+    @property
+    def backward_state(self) -> torch.Tensor | None:
+        """The backward solve's solution, once it ran: the warm start of the next backward solve."""
+        res = None if self.backward_report is None else self.backward_report.result
+        return None if res is None else res.z.detach()
 
     @property
     def rel_residual(self) -> float:
