@@ -132,7 +132,7 @@ def test_shared_gate_shortcut_equals_per_modality_gates():
 
 @pytest.mark.parametrize("shape", [(7, 12), (5, 12, 3)])
 def test_group_norm_equals_torch_group_norm_forward_and_backward(shape):
-    from deqfusion_core.module import GroupNorm
+    from deqfusion_core.fusion_map import GroupNorm
 
     torch.manual_seed(0)
     ours, theirs = GroupNorm(4, 12).double(), torch.nn.GroupNorm(4, 12).double()
@@ -349,6 +349,69 @@ def test_backward_shrinks_to_running_samples_and_stays_exact():
     g = torch.linalg.solve((torch.eye(z.numel(), dtype=J.dtype) - J).T, dl.flatten()).view_as(fz)
     g_unrolled = list(torch.autograd.grad(fz, list(m.parameters()) + xs, g))
     assert rel_err(g_implicit, g_unrolled) <= 1e-5
+
+
+@pytest.mark.parametrize("kw", [dict(gating=False), dict(fuse_block=False)])
+def test_gate_tracking_without_gates_records_none(kw):
+    m = model(torch.float32, track_gates=True, f_tol=1e-4, f_max_iter=40, **kw)
+    assert m(inputs(DIMS)).stats.gates is None
+
+
+def test_solver_settings_are_one_config_each_and_reach_the_solves():
+    m = model(torch.float64, f_tol=1e-6, f_max_iter=50, b_tol=1e-7, b_max_iter=40)
+    assert (m.forward_solve.tol, m.forward_solve.max_iter, m.backward_solve.tol, m.backward_solve.stop) == \
+        (1e-6, 50, 1e-7, "rel")
+    m.solver, m.b_solver, m.f_max_iter, m.b_max_iter = "fixed_point", "broyden", 3, 2
+    xs = inputs(DIMS, dtype=torch.float64, requires_grad=True)
+    out = m(xs)
+    assert out.stats.backward is None                  # the backward has not run yet
+    out.fused.sum().backward()
+    assert (out.stats.solver, out.stats.nstep, out.stats.backward.solver, out.stats.backward.nstep) == \
+        ("fixed_point", 3, "broyden", 2)
+    assert out.stats.backward_state.shape == out.stats.state.shape
+
+
+def test_unrolled_mode_reports_its_last_step():
+    m = model(torch.float64, backward="unrolled", f_tol=1e-6, f_max_iter=200, track_gates=True)
+    xs = inputs(DIMS, dtype=torch.float64)
+    out = m.train()(xs)
+    st = out.stats
+    inj = m.inject(xs)
+    # the output is f of the last iterate: recompute the chain independently
+    z = torch.zeros(4, m.state_width, dtype=torch.float64)
+    residuals = []
+    for _ in range(st.nstep):
+        fz = m.layer(z, inj)
+        residuals.append(((fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-8)))
+        z = fz
+    torch.testing.assert_close(out.fused, z.view(4, 4, 8)[:, -1], rtol=0, atol=0)
+    assert st.converged and (residuals[-1] <= 1e-6).all() and (residuals[-2] > 1e-6).any()
+    torch.testing.assert_close(st.rel_residuals, residuals[-1], rtol=0, atol=0)
+    assert st.trace == [r.max().item() for r in residuals]
+    assert st.gates.shape == (st.nstep, 3)
+
+
+def test_a_registered_backward_mode_is_used_by_name():
+    from deqfusion_core.gradients import GRADIENTS, OneStep, register_gradient
+
+    @register_gradient("test_scaled_onestep")
+    class Scaled(OneStep):   # the one-step gradient, doubled: a mode that is easy to tell apart
+        def attach(self, m, res, inj, warm, jac_needed):
+            eq = super().attach(m, res, inj, warm, jac_needed)
+            return eq._replace(z=torch.lerp(eq.z.detach(), eq.z, 2.0))
+
+    try:
+        m = model(backward="onestep")
+        xs = inputs(DIMS, dtype=torch.float64, requires_grad=True)
+        _, g_one = grads(m, xs)
+        m.backward = "test_scaled_onestep"
+        out, g_scaled = grads(m, xs)
+        for a, b in zip(g_scaled, g_one):
+            torch.testing.assert_close(a, 2 * b)
+    finally:
+        del GRADIENTS["test_scaled_onestep"]
+    with pytest.raises(ValueError, match="backward: expected one of .*'implicit'"):
+        model(backward="test_scaled_onestep")
 
 
 def test_gate_tracking_in_unrolled_mode():
