@@ -31,10 +31,23 @@ def fusion(**kw):
     (dict(input_dims=[8, 8], num_groups=2, jac_weight=-1.0), ValueError, "jac_weight"),
     (dict(input_dims=[8, 8], num_groups=2, num_layers=-1), ValueError, "num_layers"),
     (dict(input_dims=[8, 8], num_groups=2, phantom_damping=0), ValueError, "phantom_damping"),
+    (dict(input_dims=[8, 8], num_groups=2, solver_options={"memory": 4}), ValueError, "solver_options: anderson"),
+    (dict(input_dims=[8, 8], num_groups=2, b_solver="broyden", b_solver_options={"m": 4}), ValueError,
+     "b_solver_options: broyden takes no option 'm'"),
 ])
 def test_construction_errors_name_the_argument(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         DEQFusion(**kwargs)
+
+
+@pytest.mark.parametrize("name, value", [("f_max_iter", 0), ("b_tol", 0.0), ("solver", "newton"), ("f_stop", "x"),
+                                         ("b_solver_options", {"beta": 1.0, "m": 2, "x": 1})])
+def test_solver_settings_set_later_are_validated_and_name_the_attribute(name, value):
+    m = fusion()
+    before = (m.forward_solve, m.backward_solve)
+    with pytest.raises(ValueError, match=name):
+        setattr(m, name, value)
+    assert (m.forward_solve, m.backward_solve) == before
 
 
 def test_wrong_number_of_modalities():

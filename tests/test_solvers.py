@@ -126,3 +126,23 @@ def test_compaction_keeps_exactly_the_running_rows_with_their_data(seed):
     torch.testing.assert_close(out, data[rows], rtol=0, atol=0)
     moved = (rows != torch.arange(n_keep)).sum().item()          # only rows below n_keep that stopped move
     assert moved == (~keep[:n_keep]).sum().item()
+
+
+def test_tracker_for_autograd_runs_every_row_and_reports_the_last_step():
+    from deqfusion_core.solvers import Tracker
+
+    f, z_star, _ = linear_map(rho=0.5)
+    z0 = torch.zeros_like(z_star)
+    z0[0] = z_star[0]                      # sample 0 starts converged: a compacting solve drops it at once
+    t = Tracker(z0, 1e-8, "abs", 100, autograd=True)
+    z, steps = z0, []
+    while not t.done:
+        fz = f(z, None)
+        assert t.update(z, fz) is None     # never compacts
+        steps.append((fz - z).norm(dim=1))
+        z = fz
+    res = t.result(z)
+    assert res.z is z and res.nstep == len(steps) == solve(f, z0, "fixed_point", max_iter=100, tol=1e-8,
+                                                            stop="abs").nstep
+    torch.testing.assert_close(res.abs_residuals, steps[-1], rtol=0, atol=0)
+    assert res.converged and t.rows is None
