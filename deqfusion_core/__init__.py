@@ -4,15 +4,15 @@
     fusion = DEQFusion(input_dims=[1000, 1000, 503], dim=500)
     fused, jac_loss, stats = fusion([x1, x2, x3])
 """
+from . import _lazy
 from .hookspecs import hookimpl
 from .plugins import Integration, Upstream, UpstreamNotFound, prepend_sys_path, run_path_as_main
 
 __version__ = "0.1.0"
 
-__all__ = ["hookimpl", "Integration", "Upstream", "UpstreamNotFound", "prepend_sys_path", "run_path_as_main"]
+__all__ = ["hookimpl", "Integration", "Upstream", "UpstreamNotFound", "prepend_sys_path", "run_path_as_main",
+           *_lazy.EXPORTS]
 
 
 def __getattr__(name):  # the torch-heavy parts load on first use, so the CLI and plugin discovery stay light
-    import importlib
-
-    return importlib.import_module("deqfusion_core._lazy").get(name)
+    return _lazy.get(name)

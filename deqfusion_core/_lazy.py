@@ -1,16 +1,19 @@
 """Lazy exports of deqfusion_core, so that `import deqfusion_core` (the CLI, plugin discovery) stays light."""
 import importlib
 
-_EXPORTS = {
+EXPORTS = {
     "DEQFusion": "module", "DEQFusionOutput": "module",
-    "SolverStats": "stats", "DEQConvergenceError": "stats",
+    "FusionMap": "fusion_map", "Injection": "fusion_map",
+    "SolverStats": "stats", "SolveResult": "stats", "DEQConvergenceError": "stats",
+    "SolveConfig": "solvers", "SOLVERS": "solvers", "register_solver": "solvers", "get_solver": "solvers",
+    "solve": "solvers", "Tracker": "solvers",
+    "GRADIENTS": "gradients", "register_gradient": "gradients", "get_gradient": "gradients",
     "attach_aux_loss": "jacobian", "jacobian_loss": "jacobian",
-    "SOLVERS": "solvers", "register_solver": "solvers", "get_solver": "solvers", "solve": "solvers",
     "plot_convergence": "plot", "plot_gates": "plot",
 }
 
 
 def get(name):
-    if name not in _EXPORTS:
+    if name not in EXPORTS:
         raise AttributeError(f"module 'deqfusion_core' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"deqfusion_core.{_EXPORTS[name]}"), name)
+    return getattr(importlib.import_module(f"deqfusion_core.{EXPORTS[name]}"), name)
