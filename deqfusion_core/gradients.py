@@ -79,6 +79,12 @@ def _at(m, z_star: torch.Tensor, inj: Injection):
     return z, m.layer(z, inj)
 
 
+def _jacobian_at(m, z_star: torch.Tensor, inj: Injection) -> torch.Tensor:
+    """The Jacobian term at z*, from a fresh application of f there."""
+    z, fz = _at(m, z_star, inj)
+    return jacobian_loss(fz, z, m.jac_samples)
+
+
 class SolveThenDifferentiate(Gradient):
     """Solve without an autograd tape, then attach the gradient at z* (``attach``)."""
 
@@ -122,8 +128,7 @@ class Phantom(SolveThenDifferentiate):
         out = res.z
         for _ in range(m.phantom_steps):
             out = torch.lerp(out, m.layer(out, inj), m.phantom_damping)
-        jac = jacobian_loss(*_at(m, res.z, inj), m.jac_samples) if jac_needed else None
-        return Equilibrium(out, res, jac)
+        return Equilibrium(out, res, _jacobian_at(m, res.z, inj) if jac_needed else None)
 
 
 @register_gradient("onestep")
@@ -244,8 +249,7 @@ class Unrolled(SolveThenDifferentiate):
             return super().__call__(m, z0, inj, warm)
         cfg = m.forward_solve
         z, res = unroll(m, z0, inj, cfg.max_iter, cfg.tol, cfg.stop)
-        jac = jacobian_loss(*_at(m, z, inj), m.jac_samples) if m.jac_samples else None
-        return Equilibrium(z, res, jac, solved=False)
+        return Equilibrium(z, res, _jacobian_at(m, z, inj) if m.jac_samples else None, solved=False)
 
     attach = OneStep.attach
 

@@ -191,6 +191,21 @@ def test_jacobian_term_zero_in_eval_and_when_disabled():
     assert m(xs).jac_loss.item() == 0
 
 
+@pytest.mark.parametrize("mode", ["implicit", "phantom", "onestep", "unrolled"])
+def test_jacobian_term_is_taken_at_the_returned_state_in_every_mode(mode):
+    from deqfusion_core import jacobian_loss
+
+    m = model(torch.float64, backward=mode, jac_samples=2, f_tol=1e-8, f_max_iter=200).train()
+    xs = inputs(DIMS, dtype=torch.float64)
+    torch.manual_seed(3)
+    out = m(xs)
+    z = out.stats.state.clone().requires_grad_()
+    torch.manual_seed(3)
+    expected = jacobian_loss(m.layer(z, m.inject(xs)), z, 2)
+    assert out.jac_loss.item() > 0 and out.jac_loss.requires_grad
+    torch.testing.assert_close(out.jac_loss, expected, rtol=0, atol=0)
+
+
 def test_hutchinson_estimates_frobenius_norm():
     from deqfusion_core import jacobian_loss
 
@@ -365,7 +380,7 @@ def test_solver_settings_are_one_config_each_and_reach_the_solves():
     xs = inputs(DIMS, dtype=torch.float64, requires_grad=True)
     out = m(xs)
     assert out.stats.backward is None                  # the backward has not run yet
-    out.fused.sum().backward()
+    (out.fused.sin() * torch.arange(8)).sum().backward()
     assert (out.stats.solver, out.stats.nstep, out.stats.backward.solver, out.stats.backward.nstep) == \
         ("fixed_point", 3, "broyden", 2)
     assert out.stats.backward_state.shape == out.stats.state.shape
@@ -387,7 +402,7 @@ def test_unrolled_mode_reports_its_last_step():
     torch.testing.assert_close(out.fused, z.view(4, 4, 8)[:, -1], rtol=0, atol=0)
     assert st.converged and (residuals[-1] <= 1e-6).all() and (residuals[-2] > 1e-6).any()
     torch.testing.assert_close(st.rel_residuals, residuals[-1], rtol=0, atol=0)
-    assert st.trace == [r.max().item() for r in residuals]
+    torch.testing.assert_close(st.trace_tensor, torch.stack([r.max() for r in residuals]), rtol=0, atol=0)
     assert st.gates.shape == (st.nstep, 3)
 
 
