@@ -7,6 +7,9 @@ _EXPORTS = {
     "attach_aux_loss": "jacobian", "jacobian_loss": "jacobian",
     "SOLVERS": "solvers", "register_solver": "solvers", "get_solver": "solvers", "solve": "solvers",
     "plot_convergence": "plot", "plot_gates": "plot",
+    "Integration": "integration", "Upstream": "integration", "UpstreamNotFound": "integration",
+    "FusionAdapter": "integration", "FusionOptions": "options",
+    "prepend_sys_path": "process", "run_path_as_main": "process",
 }
 
 
