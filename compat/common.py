@@ -85,8 +85,12 @@ def cuda_on_cpu():
 
 # -- stand-in modules --------------------------------------------------------------------------------------
 def import_error(module: str) -> str | None:
-    """Why ``import module`` fails here (``None`` when it works). Broken builds raise more than ImportError."""
-    if module in sys.modules and not isinstance(sys.modules[module], Unavailable):
+    """Why ``import module`` fails here (``None`` when it works). Broken builds raise more than ImportError;
+    a stand-in another shim put in place does not count as working."""
+    loaded = sys.modules.get(module)
+    if isinstance(loaded, Unavailable):
+        return f"a stand-in: {loaded.__doc__}"
+    if loaded is not None:
         return None
     try:
         importlib.import_module(module)

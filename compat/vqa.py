@@ -153,8 +153,9 @@ def cuda_synchronize():
 
 
 @shim("mutan", "vqa/models/utils.py imports torchvision.models without using it; a torchvision built for another "
-      "torch fails to import: a stand-in module", needed=lambda: common.import_error("torchvision.models") is not None,
-      name="torchvision")
+      "torch fails to import: a stand-in module (unless another shim's stand-in is there)",
+      needed=lambda: not isinstance(sys.modules.get("torchvision.models"), common.Unavailable)
+      and common.import_error("torchvision.models") is not None, name="torchvision")
 def torchvision_stand_in():
     reason = common.import_error("torchvision.models")
     common.purge("torchvision")

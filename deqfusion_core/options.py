@@ -1,5 +1,8 @@
 """Fusion options: one validated object from CLI flags, ``-o key=value`` pairs and config dicts.
 
+``deqfusion run`` hands its flags and pairs to the integration as a dict, which checks them with its own
+keys (``Integration.fusion_options``); MMF's ``fusion.params`` and block's ``fusion:`` are config dicts.
+
 Every integration builds its ``DEQFusion`` from a :class:`FusionOptions`. Key names are checked here
 (DEQFusion's keywords, read from its signature, plus the integration's own keys); values are checked by
 ``DEQFusion`` when it is built, except ``jac_weight``, which no ``DEQFusion`` sees: the integration's
@@ -88,11 +91,6 @@ class FusionOptions(Mapping[str, Any]):
             return options
         values = options.given() if isinstance(options, FusionOptions) else options
         return cls(values, defaults=defaults, where=where)
-
-    @classmethod
-    def from_cli(cls, flags: Mapping[str, Any], pairs: Sequence[tuple[str, Any]] = (), **kwargs) -> "FusionOptions":
-        """From typed command-line flags (unset ones are None) and ``-o key=value`` pairs (they win)."""
-        return cls({**{k: v for k, v in flags.items() if v is not None}, **dict(pairs)}, **kwargs)
 
     # -- reading ---------------------------------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:

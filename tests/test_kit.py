@@ -269,3 +269,11 @@ def test_the_docs_example_integration_applies_and_removes(docs_plugin, monkeypat
         sys.modules.pop("deqfusion_mine", None)
     assert model.Fusion.__module__ == "model" and vars(model)["Fusion"].forward.__qualname__ == "Fusion.forward"
     sys.modules.pop("model", None)
+
+
+def test_a_stand_in_does_not_count_as_importable(monkeypatch):
+    from deqfusion_compat import common
+
+    monkeypatch.setitem(sys.modules, "deqfusion_fake_vision", common.Unavailable("deqfusion_fake_vision", "broken", "x"))
+    assert common.import_error("deqfusion_fake_vision").startswith("a stand-in")
+    assert common.import_error("json") is None
