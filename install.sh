@@ -18,5 +18,5 @@ esac
 "${pip[@]}" "${DEQFUSION_TORCH:-torch==2.13.0}"
 "${pip[@]}" -e ".[${extras}]"
 # MMF's only PyPI release (1.0.0rc10) pins torch 1.5 and transformers 2.3: install it without its pins;
-# the `mmf` extra above brings current versions of what it imports, deqfusion_adapters.mmf shims the rest.
+# the `mmf` extra above brings current versions of what it imports, deqfusion_compat.mmf_rc10 shims the rest.
 case ",$extras," in *,mmf,*) "${pip[@]}" --no-deps "mmf==1.0.0rc10" ;; esac

@@ -18,7 +18,7 @@ import sys
 import types
 from pathlib import Path
 
-from deqfusion_patches.isolated_import import provided
+from deqfusion_core.process import provided
 
 ENV = "DEQFUSION_REFERENCE_ROOT"
 

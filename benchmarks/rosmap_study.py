@@ -53,8 +53,6 @@ def _worker_init(root: str, fusion_options: dict) -> None:
 
 
 def _one_run(task: dict) -> dict:
-    from deqfusion_patches.mmdynamics import protocol
-
     argv = ["--data-folder", task["data"], "--fusion", task["fusion"], "--protocol", task["protocol"],
             "--seed", str(task["seed"]), "--epochs", str(task["epochs"]), "--eval-every", str(task["eval_every"]),
             "--modelpath", task["modelpath"], "--quiet"]
@@ -62,13 +60,14 @@ def _one_run(task: dict) -> dict:
         argv += ["--hidden", str(task["hidden"])]
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):      # the per-run summary: collected in the table instead
-        summary = protocol.run(_integ.train_test, protocol.parse_args(argv), _integ.locate(task["root"]).root)
+        run = _integ.run(argv)
+    summary = run.summary
     summary.pop("history", None)
     summary["wall_s"] = time.perf_counter() - start
     if task["fusion"] == "deq":
-        head = protocol.RUN["model"].MMClasifier
-        train_key = next(k for k, v in protocol.RUN["split_keys"].items() if v == "train")
-        stats = head.stats[train_key]
+        head = run.model.MMClasifier
+        train_key = next(k for k, v in run.split_keys.items() if v == "train")
+        stats = head.split_solves[train_key]
         summary["deq_last_train_solve"] = {"nstep": stats.nstep, "rel_residual": stats.rel_residual,
                                            "converged": stats.converged}
     return summary
@@ -79,36 +78,33 @@ def timed_epochs(root: str, data: str, epochs: int, hidden: int, options: dict, 
     paper authors' reference module (jinhong-ni/DEQFusion, loaded by benchmarks/reference.py) in its place."""
     import torch
 
-    from deqfusion_patches.mmdynamics import plugin, protocol
+    from deqfusion_core.integration import Patches
+    from deqfusion_patches.mmdynamics import head, plugin
 
     torch.set_num_threads(1)
     integ = plugin.INTEGRATION
     integ.apply(integ.locate(root), dict(options))
-    upstream_init = plugin.DEQHead.__init__
-    if reference:
-        make = reference_fusion(options)
+    with Patches() as patches:
+        if reference:
+            make, upstream_init = reference_fusion(options), head.DEQHead.__init__
 
-        def __init__(self, views, hidden_, num_class, linear_layer, **fusion_options):
-            upstream_init(self, views, hidden_, num_class, linear_layer, **fusion_options)
-            self.deq_fusion = make(views, hidden_, fusion_options.get("jac_weight", 0.0))
+            def __init__(self, views, hidden_, num_class, linear_layer, fusion_options):
+                upstream_init(self, views, hidden_, num_class, linear_layer, fusion_options)
+                self.deq = make(views, hidden_)     # the head's adapter attaches its Jacobian term
 
-        plugin.DEQHead.__init__ = __init__
-    try:
+            patches.set(head.DEQHead, "__init__", __init__)
         argv = ["--data-folder", data, "--epochs", str(epochs - 1), "--eval-every", str(epochs), "--hidden",
                 str(hidden), "--modelpath", tempfile.mkdtemp(prefix="rosmap_timing_"), "--quiet"]
         with contextlib.redirect_stdout(io.StringIO()):
-            summary = protocol.run(integ.train_test, protocol.parse_args(argv), integ.locate(root).root)
-    finally:
-        plugin.DEQHead.__init__ = upstream_init
+            summary = integ.run(argv).summary
     return summary["epoch_time_s"]
 
 
 def reference_fusion(options: dict):
-    """A factory of the reference's DEQFusion behind deqfusion's call signature (fused, jac, stats)."""
+    """A factory of the reference's DEQFusion behind deqfusion's call signature (fused, jac, stats), for the
+    head's ``deq`` (the head weights and attaches the Jacobian term)."""
     import torch
     from reference import load_reference
-
-    from deqfusion_core.jacobian import attach_aux_loss
 
     R = load_reference()
 
@@ -116,17 +112,14 @@ def reference_fusion(options: dict):
         state, nstep, rel_residual, converged = None, -1, float("nan"), True
 
     class ReferenceFusion(torch.nn.Module):
-        def __init__(self, views, dim, jac_weight):
+        def __init__(self, views, dim):
             super().__init__()
             self.ref = R.DEQFusion(dim, views, f_thres=options["f_max_iter"], b_thres=options["b_max_iter"],
                                    stop_mode="rel")
-            self.jac_weight = jac_weight
 
         def forward(self, xs, z0=None):
             fused, jac, _ = self.ref(list(xs))
-            if self.training:
-                fused = attach_aux_loss(fused, jac.mean(), self.jac_weight)
-            return fused, jac, Stats()
+            return fused, (jac.mean() if self.training else fused.new_zeros(())), Stats()
 
     return ReferenceFusion
 

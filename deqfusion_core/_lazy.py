@@ -10,6 +10,9 @@ EXPORTS = {
     "GRADIENTS": "gradients", "register_gradient": "gradients", "get_gradient": "gradients",
     "attach_aux_loss": "jacobian", "jacobian_loss": "jacobian",
     "plot_convergence": "plot", "plot_gates": "plot",
+    "Integration": "integration", "Upstream": "integration", "UpstreamNotFound": "integration",
+    "FusionAdapter": "integration", "FusionOptions": "options",
+    "prepend_sys_path": "process", "run_path_as_main": "process",
 }
 
 

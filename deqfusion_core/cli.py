@@ -2,29 +2,22 @@
 from __future__ import annotations
 
 import argparse
-import ast
+import importlib
+import inspect
 import sys
 from typing import Any, Sequence
 
 from . import plugins
+from .options import OptionError, parse_fusion_option
 
-# Fusion options every `deqfusion run` understands; they reach the integration as keyword
-# arguments of DEQFusion (plus ``jac_weight``, the Jacobian term's weight in the loss).
+__all__ = ["main", "build_parser", "parse_fusion_option", "FUSION_FLAGS"]
+
+# Fusion options every `deqfusion run` understands; with the `-o key=value` pairs they reach the integration,
+# which checks them (deqfusion_core.options.FusionOptions) against DEQFusion's keywords and its own.
 FUSION_FLAGS = {
     "solver": str, "f_max_iter": int, "f_tol": float, "f_stop": str,
     "backward": str, "b_max_iter": int, "b_tol": float, "jac_weight": float, "num_groups": int,
 }
-
-
-def parse_fusion_option(text: str) -> tuple[str, Any]:
-    """``key=value`` with a Python literal value (``f_tol=1e-4``, ``gating=False``); else a string."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--fusion-option expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip().replace("-", "_"), ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key.strip().replace("-", "_"), value
 
 
 def fusion_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -33,14 +26,44 @@ def fusion_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def shim_lines(integ) -> list[str]:
+    """``deqfusion list -v``: the integration's shims, each with whether it applies here."""
+    from . import compat
+
+    lines = []
+    for module in integ.compat:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - a broken compat module is reported, not fatal
+            lines.append(f"    ! {module} failed to import: {type(exc).__name__}: {exc}")
+    applied = set(compat.applied(integ.name))
+    for s in compat.shims(integ.name):
+        if s in applied:
+            state = "applied"
+        elif s.module is not None:
+            state = f"checked when {s.module} is imported"
+        elif any(p.default is p.empty for p in inspect.signature(s.needed).parameters.values()):
+            state = "checked when applied"
+        else:
+            try:
+                state = "needed here" if s.needed() else "not needed here"
+            except Exception as exc:  # noqa: BLE001
+                state = f"check failed: {type(exc).__name__}: {exc}"
+        kind = "behaviour change, both arms; " if s.behaviour_change else ""
+        lines.append(f"    {s.name}: {kind}{state} -- {s.reason}")
+    return lines
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     reg = plugins.integrations()
-    rows = []
+    rows, details = [], {}
     for name, integ in sorted(reg.integrations.items()):
         up = integ.locate()
         status = f"found {up.version or ''}".strip() if up.found else "not found"
         where = str(up.root) if up.root else (integ.distribution or "")
         rows.append((name, status, where, integ.summary if up.found else up.reason))
+        if args.verbose:
+            details[name] = shim_lines(integ)
     for err in reg.errors:
         rows.append((err.name, "broken", "", err.error))
     if not rows:
@@ -49,6 +72,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}".rstrip())
+        for line in details.get(r[0], []):
+            print(line)
     return 0
 
 
@@ -62,7 +87,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not up.found:
         print(f"deqfusion run {args.name}: upstream not found: {up.reason}", file=sys.stderr)
         return 2
-    integ.apply(up, fusion_options(args))
+    try:
+        integ.apply(up, fusion_options(args))
+    except OptionError as exc:
+        print(f"deqfusion run {args.name}: {exc}", file=sys.stderr)
+        return 2
+    if args.verbose:
+        from . import compat
+
+        shims = compat.applied(integ.name)
+        print(f"deqfusion run {args.name}: shims applied: " + (", ".join(s.name for s in shims) or "none"),
+              file=sys.stderr)
     return integ.launch(up, list(args.upstream_args))
 
 
@@ -90,7 +125,7 @@ def add_fusion_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--jac-weight", dest="jac_weight", type=float, help="weight of the Jacobian term in the loss")
     g.add_argument("--num-groups", dest="num_groups", type=int, help="GroupNorm groups")
     g.add_argument("-o", "--fusion-option", action="append", type=parse_fusion_option, metavar="KEY=VALUE",
-                   help="any other DEQFusion keyword, e.g. -o gating=False (repeatable)")
+                   help="any other DEQFusion keyword or integration option, e.g. -o gating=False (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,12 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="integrations, whether their upstream was found, and its version")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also each integration's compatibility shims and whether they apply here")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("run", help="apply an integration and run its upstream entry script",
-                       usage="deqfusion run NAME [--upstream PATH] [fusion options] -- <upstream arguments>")
+                       usage="deqfusion run NAME [--upstream PATH] [-v] [fusion options] -- <upstream arguments>")
     p.add_argument("name", help="integration name (see `deqfusion list`)")
     p.add_argument("--upstream", metavar="PATH", help="the upstream checkout (else DEQFUSION_<NAME>_ROOT)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the shims applied (to stderr)")
     add_fusion_flags(p)
     p.set_defaults(func=cmd_run)
 

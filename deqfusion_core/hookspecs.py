@@ -21,7 +21,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def deqfusion_integration():
-    """Return the :class:`deqfusion_core.plugins.Integration` this plugin provides."""
+    """Return the :class:`deqfusion_core.integration.Integration` this plugin provides."""
 
 
 @hookspec

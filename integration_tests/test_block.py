@@ -16,8 +16,8 @@ import torch
 pytest.importorskip("block", reason="block.bootstrap.pytorch is not installed (./install.sh vqa)")
 yaml = pytest.importorskip("yaml")
 
-from deqfusion_adapters.block import plugin  # noqa: E402
-from deqfusion_patches import vqa_compat  # noqa: E402
+from deqfusion_compat import common  # noqa: E402
+from deqfusion_patches.block import plugin  # noqa: E402
 
 WORDS = ["what", "color", "is", "the", "cat", "how", "many", "dogs"]
 ANSWERS = ["red", "blue", "two", "three", "yes"]
@@ -153,7 +153,7 @@ def test_deq_fusion_defaults_from_the_command_line_and_bad_options():
         fusion = factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "mm_dim": 8, "num_groups": 2,
                           **mutan_keys})                  # a `type: mutan` block switched by its type alone
         assert fusion.output_dim == 3
-        with pytest.raises(TypeError, match="rnak"):
+        with pytest.raises(ValueError, match="fusion 'rnak': unknown"):
             factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "rnak": 15})   # typos still fail
         with pytest.raises(ValueError, match="output_dim"):
             factory({"type": "deq", "input_dims": [8, 12], "output_dim": 0})
@@ -164,16 +164,21 @@ def test_deq_fusion_defaults_from_the_command_line_and_bad_options():
 
 
 def test_apply_is_idempotent_and_removable():
+    from block.models.criterions import factory as criterions_factory
     from block.models.networks import vqa_net
     from block.models.networks.fusions import factory as fusions_factory
 
+    plugin.INTEGRATION.remove()
+    originals = (vqa_net.factory_fusion, vqa_net.VQANet.forward, criterions_factory.factory)
     plugin.INTEGRATION.apply(None, {})
     patched = vqa_net.factory_fusion
     plugin.INTEGRATION.apply(None, {})
     assert vqa_net.factory_fusion is patched is fusions_factory.factory
+    assert vqa_net.VQANet.forward is not originals[1] and criterions_factory.factory is not originals[2]
     plugin.INTEGRATION.remove()
     try:
-        assert vqa_net.factory_fusion is not patched
+        assert (vqa_net.factory_fusion, vqa_net.VQANet.forward, criterions_factory.factory) == originals
+        assert fusions_factory.factory is originals[0]
         with pytest.raises(ValueError):
             vqa_net.factory_fusion({"type": "deq", "input_dims": [8, 8], "output_dim": 3})
     finally:
@@ -184,6 +189,5 @@ def test_yaml_shim_is_conditional():
     import yaml as pyyaml
 
     plugin.INTEGRATION.apply(None, {})
-    assert not vqa_compat.yaml_load_needs_loader()        # applied (or never needed): no second wrap
+    assert not common.yaml_load.needed()                   # applied (or never needed): no second wrap
     assert pyyaml.load("a: [1, 2]") == {"a": [1, 2]}       # 2018-era call without Loader works
-    assert vqa_compat.shim_yaml_load() is False

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,10 @@ CONFIG = {"vocab_size": None, "hidden_size": 768, "num_hidden_layers": 1, "num_a
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Text subset, generated audio, and a tiny BERT folder in the old checkpoint format."""
-    from deqfusion_patches.cmbert.plugin import hf_config, shim_broken_torchvision
+    from deqfusion_compat.cmbert import hf_config
+    from deqfusion_core.compat import apply_shims
 
-    shim_broken_torchvision()
+    apply_shims("cmbert", ["torchvision(transformers)"])
     import transformers
 
     tmp = tmp_path_factory.mktemp("cmbert")
@@ -72,14 +74,18 @@ def workspace(tmp_path_factory):
     return {"tmp": tmp, "text": text, "bert": bert, "state": state}
 
 
+def options(workspace, **more):
+    return {"f_max_iter": 10, "b_max_iter": 10, "audio": str(workspace["tmp"] / "audio.pickle"),
+            "workdir": str(workspace["tmp"] / "work"), **more}
+
+
 @pytest.fixture(scope="module")
 def cmbert(workspace):
     from deqfusion_patches.cmbert import plugin
 
     integ = plugin.INTEGRATION
     upstream = integ.locate(ROOT)
-    integ.apply(upstream, {"f_max_iter": 10, "b_max_iter": 10, "audio": str(workspace["tmp"] / "audio.pickle"),
-                           "workdir": str(workspace["tmp"] / "work")})
+    integ.apply(upstream, options(workspace))
     return integ, upstream, plugin
 
 
@@ -91,7 +97,7 @@ def test_pretrained_folder_loads_into_transformers_bert(cmbert, workspace):
     assert isinstance(model.bert, transformers.BertModel)
     gamma = workspace["state"]["bert.embeddings.LayerNorm.gamma"]
     assert torch.equal(model.bert.embeddings.LayerNorm.weight.detach(), gamma)     # gamma -> weight
-    assert isinstance(model.BertFinetun.deq_fusion, torch.nn.Module) and model.BertFinetun.deq_fusion.dim == 50
+    assert isinstance(model.BertFinetun.deq_fusion, plugin.CmbertFusion) and model.BertFinetun.deq_fusion.deq.dim == 50
 
 
 def test_training_run_with_deq_fusion(cmbert, workspace):
@@ -103,19 +109,19 @@ def test_training_run_with_deq_fusion(cmbert, workspace):
     assert np.isfinite(results["loss"]) and results["global_step"] == 2
     # the model selected on dev loss, written by the upstream loop: DEQ parameters trained (lr 0.01 group)
     saved = torch.load(workspace["tmp"] / "work" / "Cross-Modal-BERT-master" / "CM-BERT_output" / "pytorch_model.bin")
-    assert not torch.equal(saved["BertFinetun.deq_fusion.weights"], torch.ones(2))
+    assert not torch.equal(saved["BertFinetun.deq_fusion.deq.weights"], torch.ones(2))
     assert "bert.encoder.layer.0.attention.self.query.weight" in saved
 
 
-def test_fused_map_is_the_deq_equilibrium(cmbert):
-    integ, _, plugin = cmbert
+def test_fused_map_is_the_deq_equilibrium(cmbert, workspace):
+    integ, upstream, plugin = cmbert
     config = integ.modules["model"].BertConfig(vocab_size_or_config_json_file=30, **{
         k: v for k, v in CONFIG.items() if k != "vocab_size"})
     torch.manual_seed(0)
     fin = integ.modules["model"].BertFinetun(config).eval()
     seen = []
-    deq_forward = fin.deq_fusion.forward
-    fin.deq_fusion.forward = lambda xs, **kw: seen.append((xs, deq_forward(xs, **kw))) or seen[-1][1]
+    deq_forward = fin.deq_fusion.deq.forward
+    fin.deq_fusion.deq.forward = lambda xs, **kw: seen.append((xs, deq_forward(xs, **kw))) or seen[-1][1]
     hidden, audio = torch.randn(2, 50, 768), torch.randn(2, 50, 5)
     with torch.no_grad():
         _, text_map, fused_map = fin(hidden, None, audio, torch.zeros(2, 1, 1, 50))
@@ -123,11 +129,24 @@ def test_fused_map_is_the_deq_equilibrium(cmbert):
     # the DEQ saw the text and audio maps row by row; the map the upstream returns is ReLU of its fixed point
     assert torch.equal(xs[0], text_map.reshape(100, 50)) and xs[1].shape == (100, 50)
     assert torch.allclose(fused_map, torch.relu(out.fused).reshape(2, 50, 50))
-    assert fin.deq_stats.nstep >= 1 and "bias" not in fin.__dict__       # the per-call overrides are gone
-    plugin.SETTINGS["deq"] = False
-    try:
-        assert not hasattr(integ.modules["model"].BertFinetun(config), "deq_fusion")
-    finally:
-        plugin.SETTINGS["deq"] = True
+    assert fin.deq_fusion.last_stats.nstep >= 1 and "bias" not in fin.__dict__     # the per-call overrides are gone
     with pytest.raises(ValueError, match="--max_seq_length"):
         fin(torch.randn(2, 40, 768), None, torch.randn(2, 40, 5), torch.zeros(2, 1, 1, 40))
+
+
+def test_baseline_arm_and_remove(cmbert, workspace):
+    integ, upstream, plugin = cmbert
+    model = integ.modules["model"]
+    assert model.BertModel.__module__ == "deqfusion_compat.cmbert"    # a behaviour change of both arms
+    integ.remove()
+    try:
+        # the upstream's own objects again, and pytorch_pretrained_bert's stand-in is gone
+        assert model.BertFinetun.__init__.__module__ == "model" and model.BertModel.__module__ == "model"
+        assert "pytorch_pretrained_bert" not in sys.modules
+        integ.apply(upstream, options(workspace, deq=False))            # -o deq=False: the upstream fusion
+        config = integ.modules["model"].BertConfig(vocab_size_or_config_json_file=30, **{
+            k: v for k, v in CONFIG.items() if k != "vocab_size"})
+        assert not hasattr(integ.modules["model"].BertFinetun(config), "deq_fusion")
+        assert integ.modules["model"].BertModel.__module__ == "deqfusion_compat.cmbert"
+    finally:
+        integ.apply(upstream, options(workspace))

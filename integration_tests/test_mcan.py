@@ -1,14 +1,14 @@
 """MCAN (MILVLG/mcan-vqa) with DEQ fusion: the real run.py trains MCAN-small for one epoch on a tiny generated
 dataset in MCAN's own file layout, validates, and the saved checkpoint reloads for --RUN=val.
 
-Checkout-gated: set DEQFUSION_MCAN_ROOT to a checkout of MILVLG/mcan-vqa. The checkout is copied to a temporary
-folder first, because run.py writes results/ and ckpts/ beside itself.
+Runs against DEQFUSION_MCAN_ROOT (a checkout of MILVLG/mcan-vqa), else the snapshot in ../shared/upstreams/mcan-vqa
+(see upstreams.py). The checkout is copied to a temporary folder first, because run.py writes results/ and ckpts/
+beside itself.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import upstreams
+from deqfusion_compat.vqa import read_glove
 from deqfusion_patches.mcan import plugin
 
-ROOT = os.environ.get("DEQFUSION_MCAN_ROOT")
+ROOT = upstreams.checkout("DEQFUSION_MCAN_ROOT", "mcan-vqa")
 
 QUESTIONS = [("what color is the cat", "red"), ("is there a dog", "yes"), ("how many people are there", "2"),
              ("is it raining", "no"), ("what color is the sky", "blue"), ("how many cats are there", "3")]
@@ -75,10 +77,8 @@ def deqfusion(checkout: Path, args: list[str], glove: Path, timeout: int = 600) 
 @pytest.fixture
 def checkout(tmp_path):
     if not ROOT:
-        pytest.skip("DEQFUSION_MCAN_ROOT is not set (a MILVLG/mcan-vqa checkout)")
-    copy = tmp_path / "mcan-vqa"
-    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", "ckpts"))
-    return copy
+        pytest.skip(upstreams.missing("DEQFUSION_MCAN_ROOT", "mcan-vqa"))
+    return upstreams.writable_copy(ROOT, tmp_path / "mcan-vqa")
 
 
 def test_mcan_small_trains_one_epoch_validates_and_reloads(tmp_path, checkout):
@@ -125,7 +125,7 @@ pred = net(img, ques)
 loss = torch.nn.BCELoss(reduction="sum")(pred, target)
 loss.backward()
 print("KEYS", any(k.startswith("deq_fusion.") for k in net.state_dict()))
-print("GRAD", net.deq_fusion.weights.grad.tolist() if hasattr(net, "deq_fusion") else None)
+print("GRAD", net.deq_fusion.deq.weights.grad.tolist() if hasattr(net, "deq_fusion") else None)
 """
 
 
@@ -148,14 +148,46 @@ def test_jacobian_term_reaches_the_summed_loss(tmp_path, checkout):
     assert "KEYS False" in baseline.stdout        # -o baseline=True: shims only, the upstream's sum fusion
 
 
+REMOVE_CHECK = r"""
+import sys
+from pathlib import Path
+from deqfusion_core import Upstream, compat
+from deqfusion_patches.mcan import plugin
+root = Path(sys.argv[1])
+sys.path.insert(0, str(root))
+from cfgs.base_cfgs import Cfgs
+from core.model.net import Net
+originals = (vars(Net)["__init__"], vars(Net)["forward"], vars(Cfgs)["add_args"])
+plugin.INTEGRATION.apply(Upstream("mcan", True, root), {"f_max_iter": 8})
+from core.data import data_utils, load_data
+patched = (vars(Net)["__init__"], vars(Net)["forward"], vars(Cfgs)["add_args"])
+assert all(p is not o for p, o in zip(patched, originals)) and data_utils.tokenize.__module__ == "deqfusion_compat.vqa"
+print("APPLIED", sorted(s.name for s in compat.applied("mcan")))
+plugin.INTEGRATION.remove()
+assert (vars(Net)["__init__"], vars(Net)["forward"], vars(Cfgs)["add_args"]) == originals
+assert data_utils.tokenize.__module__ == "core.data.data_utils" and load_data.tokenize is data_utils.tokenize
+assert "en_vectors_web_lg" not in sys.modules
+print("REMOVED")
+"""
+
+
+def test_remove_restores_the_upstream_objects(tmp_path, checkout):
+    script = tmp_path / "remove_check.py"
+    script.write_text(REMOVE_CHECK)
+    out = subprocess.run([sys.executable, str(script), str(checkout)], capture_output=True, text=True, cwd=checkout,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    assert out.returncode == 0 and "REMOVED" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "'Cfgs.add_args'" in out.stdout and "'en_vectors_web_lg'" in out.stdout     # the shims it needed
+
+
 def test_read_glove_keeps_named_words_and_reports_a_missing_file(tmp_path):
     glove = tmp_path / "g.txt"
     glove.write_text("the 0.1 0.2 0.3\ncat 1 2 3\nnew york 1 2 3\ndog 4 5 6\n")   # "new york": a spaced token
-    vectors, width = plugin.read_glove(glove, {"cat", "dog", "bird"})
+    vectors, width = read_glove(glove, {"cat", "dog", "bird"})
     assert width == 3 and sorted(vectors) == ["cat", "dog"]
     np.testing.assert_allclose(vectors["dog"], [4, 5, 6])
     with pytest.raises(FileNotFoundError, match="DEQFUSION_GLOVE"):
-        plugin.read_glove(tmp_path / "missing.txt", {"cat"})
+        read_glove(tmp_path / "missing.txt", {"cat"})
 
 
 def test_missing_checkout_is_reported():

@@ -24,65 +24,78 @@ FAST = {"f_max_iter": 8, "b_max_iter": 8, "num_groups": 2}
 
 @pytest.fixture(scope="module")
 def mmd():
-    from deqfusion_patches.mmdynamics import plugin, protocol
+    from deqfusion_patches.mmdynamics import head, plugin, protocol
 
     integ = plugin.INTEGRATION
     upstream = integ.locate(ROOT)
     integ.apply(upstream, dict(FAST))
-    return integ, upstream, protocol, plugin
+    return integ, upstream, protocol, head
 
 
-def args_for(protocol, tmp_path, *extra):
-    return protocol.parse_args(["--data-folder", str(DATA), "--hidden", "16", "--epochs", "3", "--eval-every", "2",
-                                "--modelpath", str(tmp_path), *extra])
+def argv(tmp_path, *extra):
+    return ["--data-folder", str(DATA), "--hidden", "16", "--epochs", "3", "--eval-every", "2",
+            "--modelpath", str(tmp_path), *extra]
 
 
 def test_training_loop_fair_protocol_with_deq(mmd, tmp_path, capsys):
-    integ, upstream, protocol, plugin = mmd
-    summary = protocol.run(integ.train_test, args_for(protocol, tmp_path, "--protocol", "fair", "--seed", "3"),
-                           upstream.root)
-    out = capsys.readouterr().out
-    model = protocol.RUN["model"]
+    integ, upstream, protocol, head_module = mmd
+    run = integ.run(argv(tmp_path, "--protocol", "fair", "--seed", "3"))
+    summary, out = run.summary, capsys.readouterr().out
+    model = run.model
     head = model.MMClasifier
-    assert isinstance(head, plugin.DEQHead) and head.classifier.clf[0].in_features == 16
+    assert isinstance(head, head_module.DEQHead) and head.classifier.clf[0].in_features == 16
     # the upstream loop ran epochs 0..3; evaluations at 0 and 2 (its test_inverval), validation at both
-    assert len(protocol.RUN["epoch_times"]) == 4 and [r["epoch"] for r in summary["history"]] == [0, 2]
+    assert len(run.epoch_times) == 4 and [r["epoch"] for r in summary["history"]] == [0, 2]
     assert all("val" in r for r in summary["history"])
     # stratified split: 20% of ROSMAP's 245 training files, both classes present in the same proportion
-    n_val, n_tr = len(protocol.RUN["labels_val"]), len(protocol.RUN["labels_te"])
-    assert n_val == 49 and n_tr == 106 and set(protocol.RUN["labels_val"]) == {0, 1}
+    n_val, n_tr = len(run.labels_val), len(run.labels_te)
+    assert n_val == 49 and n_tr == 106 and set(run.labels_val) == {0, 1}
     # warm starts: one solved state per split (train, val, test), kept out of the checkpoint
-    assert sorted(protocol.RUN["split_keys"].get(k) for k in head.states) == ["test", "train", "val"]
+    assert sorted(run.split_keys.get(k) for k in head.split_solves) == ["test", "train", "val"]
     # the DEQ parameters and the new classifier trained (Jacobian term and clip hook in the upstream step)
-    assert not torch.equal(head.deq_fusion.weights.detach(), torch.ones(3))
+    assert not torch.equal(head.deq.weights.detach(), torch.ones(3))
     assert 0 <= summary["final"]["acc"] <= 1 and 0 <= summary["val_selected"]["auc"] <= 1
     # every metric line names its protocol
     metric_lines = [line for line in out.splitlines() if "acc" in line.lower() or "AUC" in line]
     assert metric_lines and all("protocol" in line for line in metric_lines), out
     assert "[fair protocol: validation-selected epoch" in out and "DEQ solver: train:" in out
+    # the model and the script were patched for the run only
+    train_test, mmdynamic = integ.modules["train_test"], integ.modules["model"].MMDynamic
+    assert mmdynamic.__init__.__module__ == "model" and train_test.test_epoch.__module__ == "train_test"
+    assert "print" not in vars(train_test)
 
     # checkpoint written by the upstream save_checkpoint, loaded by its test-only path
     ckpt = tmp_path / "ROSMAP" / "checkpoint.pt"
     state = torch.load(ckpt, map_location="cpu")
-    assert any(k.startswith("MMClasifier.deq_fusion.") for k in state) and not any("states" in k for k in state)
-    head.states.clear()             # the reloaded model starts its solver cold: compare like with like
-    test, labels = protocol.RUN["test"], protocol.RUN["labels_te"]
-    expected = protocol.scores(labels, integ.train_test._deqfusion_upstream["test_epoch"](test, model))
-    reloaded = protocol.run(integ.train_test, args_for(protocol, tmp_path, "--testonly"), upstream.root)
+    assert any(k.startswith("MMClasifier.deq.") for k in state) and not any("solve" in k for k in state)
+    head.split_solves.clear()       # the reloaded model starts its solver cold: compare like with like
+    expected = protocol.scores(run.labels_te, train_test.test_epoch(run.test, model))
+    reloaded = integ.run(argv(tmp_path, "--testonly")).summary
     assert reloaded["checkpoint"] == pytest.approx(expected)
     assert "[checkpoint " in capsys.readouterr().out
 
 
 def test_paper_protocol_and_concat_baseline(mmd, tmp_path, capsys):
-    integ, upstream, protocol, plugin = mmd
-    summary = protocol.run(integ.train_test, args_for(protocol, tmp_path, "--fusion", "concat", "--views", "mR,miR"),
-                           upstream.root)
-    model = protocol.RUN["model"]
-    assert not isinstance(model.MMClasifier, plugin.DEQHead) and model.views == 2
-    assert [x.shape[1] for x in protocol.RUN["test"]] == [200, 200] and len(protocol.RUN["labels_te"]) == 106
+    integ, upstream, protocol, head_module = mmd
+    run = integ.run(argv(tmp_path, "--fusion", "concat", "--views", "mR,miR"))
+    model, summary = run.model, run.summary
+    assert not isinstance(model.MMClasifier, head_module.DEQHead) and model.views == 2
+    assert [x.shape[1] for x in run.test] == [200, 200] and len(run.labels_te) == 106
     assert summary["paper_best"]["epoch"] in (0, 2) and "val_selected" not in summary
     out = capsys.readouterr().out
     assert "[paper protocol: best test of 2 evaluations" in out and "Test ACC" in out
+
+
+def test_remove_restores_the_upstream_objects(mmd):
+    integ, upstream, _, _ = mmd
+    train_test = integ.modules["train_test"]
+    shimmed = train_test.load_checkpoint
+    assert shimmed.__module__ == "deqfusion_compat.mmdynamics"        # no GPU here: the CPU-mapping shim
+    integ.remove()
+    try:
+        assert train_test.load_checkpoint.__module__ == "train_test" and not integ.applied
+    finally:
+        integ.apply(upstream, dict(FAST))
 
 
 def test_bad_arguments_name_the_argument(mmd, tmp_path, capsys):
@@ -100,7 +113,6 @@ def test_released_checkpoint_scores_on_cpu(mmd, capsys):
     integ, upstream, protocol, _ = mmd
     if not (upstream.root / "model" / "ROSMAP" / "checkpoint.pt").is_file():
         pytest.skip("the checkout has no model/ROSMAP/checkpoint.pt (Git LFS not fetched)")
-    args = protocol.parse_args(["--data-folder", str(DATA), "--fusion", "concat", "--testonly"])
-    summary = protocol.run(integ.train_test, args, upstream.root)
+    summary = integ.run(["--data-folder", str(DATA), "--fusion", "concat", "--testonly"]).summary
     assert summary["checkpoint"] == pytest.approx({"acc": 0.840, "f1": 0.844, "auc": 0.900}, abs=1e-3)
     assert "[checkpoint " in capsys.readouterr().out

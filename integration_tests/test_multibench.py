@@ -1,21 +1,36 @@
 """MultiBench's own train() and test() with the registry's fusions, on a generated file in MM-IMDB's layout.
 
-Needs a MultiBench checkout (pliang279/MultiBench) in DEQFUSION_MULTIBENCH_ROOT.
+Runs against a copy of the MultiBench checkout (pliang279/MultiBench) in DEQFUSION_MULTIBENCH_ROOT, else of the
+snapshot in ../shared/upstreams/MultiBench (see upstreams.py).
 """
 import json
-import os
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = os.environ.get("DEQFUSION_MULTIBENCH_ROOT")
-pytestmark = pytest.mark.skipif(not ROOT, reason="DEQFUSION_MULTIBENCH_ROOT not set: no MultiBench checkout")
+import upstreams
+
+GIVEN = upstreams.checkout("DEQFUSION_MULTIBENCH_ROOT", "MultiBench")
+pytestmark = pytest.mark.skipif(not GIVEN, reason=upstreams.missing("DEQFUSION_MULTIBENCH_ROOT", "MultiBench"))
 h5py = pytest.importorskip("h5py")
 
-from deqfusion_adapters.multibench import compat, create, import_multibench, mmimdb, train_paper_mmimdb  # noqa: E402
+from deqfusion_adapters.multibench import create, import_multibench, mmimdb, train_paper_mmimdb  # noqa: E402
+from deqfusion_compat import common  # noqa: E402
+from deqfusion_compat import multibench as shims  # noqa: E402
+from deqfusion_core import compat  # noqa: E402
 
 ROWS, WIDTH, BATCH = 32, 16, 16
+ROOT = None   # the copy of the checkout, set by the `root` fixture (every test here uses it)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def root(tmp_path_factory):
+    global ROOT
+    ROOT = str(upstreams.writable_copy(GIVEN, tmp_path_factory.mktemp("upstream") / "MultiBench"))
+    yield ROOT
+    sys.path[:] = [p for p in sys.path if p != ROOT]    # import_multibench put it first
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +63,7 @@ def train_one_epoch(data, tmp_path, fusion_name, seed=0, **kwargs):
 def multibench_test(data, tmp_path, capsys):
     """MultiBench's own test() on the checkpoint train() saved; returns its printed F1 line."""
     supervised = import_multibench("training_structures.Supervised_Learning", ROOT)
-    model = compat.load_model(tmp_path / "best.pt")
+    model = shims.load_model(tmp_path / "best.pt")
     capsys.readouterr()
     supervised.test(model, loaders(data)[2], no_robust=True, criterion=nn.BCEWithLogitsLoss(), task="multilabel")
     return capsys.readouterr().out
@@ -104,19 +119,28 @@ def test_output_dim_is_the_width_the_head_gets(name):
     assert fusion.output_dim == width and tuple(out.shape[1:]) == (width if isinstance(width, tuple) else (width,))
 
 
+def stand_ins() -> set[str]:
+    return {name for name, m in sys.modules.items() if isinstance(m, common.Unavailable)}
+
+
 def test_shims_apply_only_where_needed():
+    before = stand_ins()          # another upstream's shims (MMF's) may have put a torchvision stand-in in place
     models = import_multibench("unimodals.common_models", ROOT)
     get_data = import_multibench("datasets.imdb.get_data", ROOT)
-    if compat.import_error("torchvision") is not None:
-        assert "torchvision" in compat.applied
+    applied = {s.name for s in compat.applied("multibench")}
+    if "torchvision" in before:
+        with pytest.raises(ImportError, match="torchvision"):
+            models.tmodels.resnet18(pretrained=False)
+    elif common.import_error("torchvision") is not None:
+        assert "torchvision" in applied
         with pytest.raises(ImportError, match="torchvision.*ResNet/VGG encoders"):
             models.tmodels.resnet18(pretrained=False)
     else:
-        assert not isinstance(models.torchvision, compat.Unavailable)
-    if compat.import_error("gensim.models") is not None:
+        assert not isinstance(models.torchvision, common.Unavailable)
+    if common.import_error("gensim.models") is not None:
         with pytest.raises(ImportError, match="KeyedVectors.load_word2vec_format is not available"):
             get_data.KeyedVectors.load_word2vec_format("vectors.bin", binary=True)
-    assert not any(isinstance(m, compat.Unavailable) for m in list(__import__("sys").modules.values()))
+    assert stand_ins() == before                 # MultiBench's stand-ins are gone once it has imported
 
 
 def test_runner_through_the_cli(data, tmp_path):

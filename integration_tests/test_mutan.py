@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from deqfusion_compat import vqa
 from deqfusion_patches.mutan import plugin
 
 ROOT = os.environ.get("DEQFUSION_VQA_PYTORCH_ROOT")
@@ -21,8 +22,8 @@ TRAIN = r"""
 import sys, json, torch
 from pathlib import Path
 from deqfusion_core import Upstream
+from deqfusion_core import compat
 from deqfusion_patches.mutan import plugin
-from deqfusion_patches import vqa_compat
 plugin.INTEGRATION.apply(Upstream("mutan", True, Path(sys.argv[1])), {"jac_weight": 0.5, "f_max_iter": 10})
 import vqa.lib.engine as engine
 import vqa.lib.logger as logger
@@ -54,8 +55,11 @@ before = {k: v.clone() for k, v in model.fusion_classif.state_dict().items()}
 engine.train(loader, model, criterion, optimizer, exp, epoch=0, print_freq=1)
 changed = [k for k, v in model.fusion_classif.state_dict().items() if not torch.equal(v, before[k])]
 print("CHANGED", len(changed), "OF", len(before))
-print("NSTEP", model.fusion_classif.stats.nstep)
-print("SHIMS", sorted(vqa_compat.APPLIED))
+print("NSTEP", model.fusion_classif.last_stats.nstep)
+print("SHIMS", sorted(s.name for s in compat.applied("mutan")))
+from vqa.models import att, noatt
+plugin.INTEGRATION.remove()
+print("REMOVED", att.MutanAtt.__init__.__module__, noatt.MutanNoAtt.__init__.__module__, "vqa.lib.engine" in sys.modules)
 """
 
 
@@ -86,6 +90,7 @@ def test_mutan_att_trains_through_its_engine(tmp_path, skipthoughts_dir):
     changed, total = map(int, log.split("CHANGED", 1)[1].split()[0:3:2])
     assert changed == total                                   # every DEQ fusion parameter was updated
     assert "vqa.lib.engine" in log.split("SHIMS", 1)[1]       # the engine needed its in-memory source rewrite
+    assert "REMOVED vqa.models.att vqa.models.noatt False" in log   # remove(): the upstream's own objects again
 
 
 def test_groups_divide_mutan_widths():
@@ -95,8 +100,8 @@ def test_groups_divide_mutan_widths():
 def test_source_rewrite_loads_a_module_that_does_not_compile(tmp_path):
     bad = tmp_path / "old_engine.py"
     bad.write_text("def f(x):\n    return x.cuda(async=True)\n")
-    assert not plugin.compiles(bad)
-    module = plugin.load_rewritten("deqfusion_test_old_engine", bad, plugin.ENGINE_REWRITES)
+    assert not vqa.compiles(bad)
+    module = vqa.load_rewritten("deqfusion_test_old_engine", bad, vqa.ENGINE_REWRITES)
     try:
         class Tensor:
             def cuda(self, **kwargs):
@@ -106,4 +111,5 @@ def test_source_rewrite_loads_a_module_that_does_not_compile(tmp_path):
         assert module.f.__code__.co_filename == str(bad)              # tracebacks still name the real file
         assert bad.read_text().count("async=True") == 1              # the file itself is untouched
     finally:
-        sys.modules.pop("deqfusion_test_old_engine", None)
+        vqa.unload_rewritten("deqfusion_test_old_engine")
+    assert "deqfusion_test_old_engine" not in sys.modules

@@ -19,8 +19,13 @@ PLUGIN = textwrap.dedent('''
         env_var = "DEQFUSION_TOY_ROOT"
         marker = "train.py"
         repository = "example/toy"
+        compat = ("toyshims",)
 
         def apply(self, upstream, options=None):
+            from deqfusion_core.compat import apply_shims
+            import toyshims
+
+            apply_shims("toy")
             os.environ["TOY_APPLIED"] = json.dumps(options or {})
 
         def launch(self, upstream, argv):
@@ -37,6 +42,18 @@ PLUGIN = textwrap.dedent('''
 ''')
 
 BROKEN = "raise ImportError('toy dependency missing')\n"
+
+SHIMS = textwrap.dedent('''
+    from deqfusion_core.compat import shim
+
+    @shim("toy", "the toy upstream needs a flag", needed=lambda: True, name="flag")
+    def flag():
+        pass
+
+    @shim("toy", "never broken here", needed=lambda: False, name="fine")
+    def fine():
+        pass
+''')
 
 UPSTREAM_SCRIPT = textwrap.dedent('''
     import json, os, sys
@@ -56,6 +73,7 @@ def plugin_env(tmp_path):
     (dist / "entry_points.txt").write_text("[deqfusion.integrations]\ntoy = toyplugin\nbroken = brokenplugin\n")
     (site / "toyplugin.py").write_text(PLUGIN)
     (site / "brokenplugin.py").write_text(BROKEN)
+    (site / "toyshims.py").write_text(SHIMS)
     upstream = tmp_path / "toy_upstream"
     upstream.mkdir()
     (upstream / "train.py").write_text(UPSTREAM_SCRIPT)
@@ -91,6 +109,16 @@ def test_run_applies_then_runs_upstream_script_as_main(plugin_env):
     assert ran["name"] == "__main__"
     assert ran["argv"] == ["--epochs", "2", "--lr=0.1"]
     assert ran["applied"] == {"solver": "broyden", "f_tol": 1e-4, "gating": False}
+
+
+def test_verbose_list_and_run_show_the_shims(plugin_env):
+    env, upstream = plugin_env
+    out = deqfusion(env, "list", "-v")
+    assert out.returncode == 0, out.stderr
+    assert "    flag: needed here -- the toy upstream needs a flag" in out.stdout
+    assert "    fine: not needed here -- never broken here" in out.stdout
+    out = deqfusion(env, "run", "-v", "toy", "--upstream", str(upstream), "--", "--epochs", "1")
+    assert out.returncode == 0 and "deqfusion run toy: shims applied: flag" in out.stderr
 
 
 def test_run_propagates_exit_code_and_env_var_locates(plugin_env):

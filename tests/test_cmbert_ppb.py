@@ -1,4 +1,4 @@
-"""CM-BERT's pytorch_pretrained_bert replacement (patches/cmbert/ppb.py): no checkout needed."""
+"""CM-BERT's pytorch_pretrained_bert replacement (deqfusion_compat.cmbert): no checkout needed."""
 import pytest
 import torch
 
@@ -6,7 +6,7 @@ pytest.importorskip("transformers", reason="transformers is not installed (./ins
 
 
 def test_bert_adam_is_adamw_with_linear_warmup():
-    from deqfusion_patches.cmbert import ppb
+    from deqfusion_compat import cmbert as ppb
 
     p = torch.nn.Parameter(torch.zeros(3))
     opt = ppb.BertAdam([p], lr=1.0, warmup=0.25, t_total=8)

@@ -10,9 +10,19 @@ import torch
 
 if importlib.util.find_spec("mmf") is None:  # not importorskip: `import mmf` needs the shims first
     pytest.skip("MMF is not installed (./install.sh)", allow_module_level=True)
-from deqfusion_adapters.mmf import compat, register  # noqa: E402
+from deqfusion_adapters.mmf import register  # noqa: E402
+from deqfusion_compat import common, mmf_rc10  # noqa: E402
+from deqfusion_core import compat  # noqa: E402
 
 register()
+
+
+def applied() -> set[str]:
+    return {s.name for s in compat.applied("mmf")}
+
+
+def shim(name: str) -> compat.Shim:
+    return next(s for s in compat.shims("mmf") if s.name == name)
 
 
 def test_every_needed_shim_applied_and_mmf_imports():
@@ -30,22 +40,22 @@ def test_every_needed_shim_applied_and_mmf_imports():
     from torchtext import vocab
 
     assert vocab.pretrained_aliases == {}
-    assert "defaults_config" in compat.applied
+    assert "defaults_config" in applied()
     from mmf.utils.configuration import get_default_config_path
 
-    assert get_default_config_path() == str(compat.DEFAULTS)
+    assert get_default_config_path() == str(mmf_rc10.DEFAULTS)
 
 
 def test_shims_are_conditional(monkeypatch):
     # present things are left alone
     monkeypatch.setattr(collections, "Mapping", collections.abc.Mapping, raising=False)
-    assert compat.shim_collections_aliases() is False
+    assert not shim("collections.abc").needed()
     fake = types.ModuleType("torchtext")
     monkeypatch.setitem(sys.modules, "torchtext", fake)
-    monkeypatch.setattr(compat, "_missing", lambda name: False)
-    assert compat.shim_torchtext() is False and sys.modules["torchtext"] is fake
-    assert compat.shim_demjson() is False
-    assert compat.shim_transformers_modules() is False
+    monkeypatch.setattr(mmf_rc10, "missing", lambda name: False)
+    assert not shim("torchtext").needed() and sys.modules["torchtext"] is fake
+    assert not shim("demjson").needed()
+    assert not shim("transformers_modules").needed()
 
 
 def test_builder_shim_only_when_missing():
@@ -54,14 +64,34 @@ def test_builder_shim_only_when_missing():
             def update_registry_for_model(self, config):
                 return "own"
 
-    assert compat.patch_dataset_builder(WithIt) == []
-    assert WithIt.BaseDatasetBuilder().update_registry_for_model(None) == "own"
+    assert not shim("builder_update_registry_for_model").needed(module=WithIt)
 
 
 def test_unavailable_stand_in_says_why():
-    mod = compat._Unavailable("thing", "because")
-    with pytest.raises(ImportError, match="because"):
-        mod.anything
+    mod = common.Unavailable("thing", "because", "a test")
+    with pytest.raises(ImportError, match="thing.anything is not available here .because; the upstream needs it only "
+                                          "for a test"):
+        mod.anything()
+
+
+def test_remove_restores_mmf_and_apply_again_shims_it():
+    from mmf.common.registry import registry
+    from mmf.utils import configuration
+
+    from deqfusion_adapters.mmf.plugin import INTEGRATION
+
+    try:
+        INTEGRATION.apply(None, {"f_max_iter": 7})
+        assert registry.mapping["fusion_name_mapping"]["deq"]([4, 4], 4, num_groups=2).deq.f_max_iter == 7
+        INTEGRATION.remove()
+        assert "deq" not in registry.mapping["fusion_name_mapping"]
+        assert "fusion_classifier" not in registry.mapping["model_name_mapping"]
+        assert configuration.get_default_config_path() != str(mmf_rc10.DEFAULTS)    # rc10's own, again
+        assert "get_default_config_path" in vars(configuration)
+    finally:
+        INTEGRATION.apply(None, {})
+    assert configuration.get_default_config_path() == str(mmf_rc10.DEFAULTS)
+    assert registry.mapping["fusion_name_mapping"]["deq"]([4, 4], 4, num_groups=2).deq.f_max_iter == 30
 
 
 def test_env_resolver_in_defaults():
@@ -157,7 +187,7 @@ def _run_rc10_train(training):
 def test_anomaly_mode_follows_the_config_on_rc10():
     import mmf.trainers.base_trainer  # noqa: F401 - the shim applies when it executes
 
-    assert "trainer_detect_anomaly_from_config" in compat.applied  # the installed rc10 hard-codes it
+    assert "trainer_detect_anomaly_from_config" in applied()  # the installed rc10 hard-codes it
     assert _run_rc10_train({}) is False                            # default: off, as in MMF main
     assert _run_rc10_train({"detect_anomaly": False}) is False
     assert _run_rc10_train({"detect_anomaly": True}) is True
@@ -171,8 +201,8 @@ def test_anomaly_shim_only_when_hard_coded():
         def train(self):
             return "own"
 
-    mod = types.SimpleNamespace(BaseTrainer=Trainer)
-    assert compat.patch_trainer_anomaly(mod) == [] and mod.BaseTrainer.train is Trainer.train
+    assert not shim("trainer_detect_anomaly_from_config").needed(module=types.SimpleNamespace(BaseTrainer=Trainer))
+    assert shim("trainer_detect_anomaly_from_config").behaviour_change     # named as what it is
 
 
 def _compose(*opts):
@@ -252,33 +282,35 @@ def _bert_tokens(processor_config, texts, folder):
 
 
 def test_mmimdb_shims_only_when_mmf_lacks_the_files(monkeypatch):
-    monkeypatch.setattr(compat, "_ships", lambda relative: True)  # an MMF with its configs and zoo (git main)
+    builder, zoo = shim("mmimdb_dataset_config"), shim("dataset_zoo_missing")
+    monkeypatch.setattr(mmf_rc10, "ships", lambda relative: True)  # an MMF with its configs and zoo (git main)
 
     class Builder:
         @classmethod
         def config_path(cls):
             return "configs/datasets/mmimdb/defaults.yaml"
 
-    mod = types.SimpleNamespace(MMIMDbBuilder=Builder, get_zoo_config=lambda key: ("v", ["resource"]))
-    assert compat.patch_mmimdb_builder(mod) == [] and Builder.config_path() == "configs/datasets/mmimdb/defaults.yaml"
-    assert compat.patch_dataset_zoo(mod) == [] and mod.get_zoo_config("mmimdb") == ("v", ["resource"])
-    monkeypatch.setattr(compat, "_ships", lambda relative: False)  # rc10
-
     def missing_zoo(key):
         raise FileNotFoundError(2, "No such file", "configs/zoo/datasets.yaml")
 
-    mod.get_zoo_config = missing_zoo
-    assert compat.patch_mmimdb_builder(mod) == ["mmimdb_dataset_config"]
-    assert Builder.config_path() == str(compat.DATASET_CONFIGS / "mmimdb.yaml")
-    assert compat.patch_dataset_zoo(mod) == ["dataset_zoo_missing"]
+    mod = types.SimpleNamespace(MMIMDbBuilder=Builder, get_zoo_config=missing_zoo)
+    assert not builder.needed(module=mod) and not zoo.needed(module=mod)
+    monkeypatch.setattr(mmf_rc10, "ships", lambda relative: False)  # rc10
+    assert builder.needed(module=mod) and zoo.needed(module=mod)
+    builder.apply(module=mod)
+    zoo.apply(module=mod)
+    assert Builder.config_path() == str(mmf_rc10.DATASET_CONFIGS / "mmimdb.yaml")
     with pytest.warns(UserWarning, match="nothing is downloaded for 'mmimdb'"):
         assert mod.get_zoo_config("mmimdb") == (None, None)
+    builder.undo(module=mod)
+    zoo.undo(module=mod)
+    assert Builder.config_path() == "configs/datasets/mmimdb/defaults.yaml" and mod.get_zoo_config is missing_zoo
 
 
 def test_multilabel_macro_f1_scores_multi_hot_targets():
     from mmf.common.registry import registry
 
-    assert "multilabel_macro_f1" in compat.applied  # rc10 scores it as single-label
+    assert "multilabel_macro_f1" in applied()  # rc10 scores it as single-label
     targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
     scores = torch.where(targets > 0, 5.0, -5.0)
     metric = registry.get_metric_class("multilabel_macro_f1")()

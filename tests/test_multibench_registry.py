@@ -6,9 +6,13 @@ import torch
 from torch import nn
 
 from deqfusion_adapters.multibench import (DEQObjective, FusionLR, MultiBenchNotFound, create, deq_train_kwargs,
-                                           get, list_fusions, use_checkout)
-from deqfusion_adapters.multibench import compat
+                                           get, list_fusions, registry, use_checkout)
+from deqfusion_adapters.multibench.checkout import MARKER, find_checkout
 from deqfusion_adapters.multibench.plugin import INTEGRATION
+from deqfusion_compat import common
+from deqfusion_compat import multibench as shims
+from deqfusion_core import compat
+from deqfusion_core.integration import Upstream
 
 MULTIBENCH_NAMES = ["concat", "concat_early", "concat_linear", "low_rank_tensor", "mult", "multiplicative_interactions",
                     "multiplicative_interactions_3modal", "nl_gate", "stack", "tensor"]
@@ -64,11 +68,32 @@ def test_bad_arguments_are_named():
         create("concat_linear", [4, 4])
 
 
+def fake_checkout(tmp_path):
+    (tmp_path / MARKER).parent.mkdir(parents=True)
+    (tmp_path / MARKER).write_text("")
+    return Upstream("multibench", True, tmp_path)
+
+
 def test_plugin_options_become_deq_defaults(tmp_path):
-    INTEGRATION.options = {"f_max_iter": 7, "jac_weight": 0.5}
+    deq = registry.entry("deq")
+    INTEGRATION.apply(fake_checkout(tmp_path), {"f_max_iter": 7, "jac_weight": 0.5})
     fusion = create("deq", [4, 4])
     assert fusion.deq.f_max_iter == 7 and fusion.deq.jac_weight == 0.0  # jac_weight goes to the objective
     assert create("deq", [4, 4], f_max_iter=3).deq.f_max_iter == 3
+    assert find_checkout() == tmp_path.resolve()
+    INTEGRATION.remove()                                # the registry's entry and the checkout are the originals
+    assert registry.entry("deq") is deq and create("deq", [4, 4]).deq.f_max_iter != 7
+    with pytest.raises(MultiBenchNotFound):
+        find_checkout()
+
+
+def test_bad_options_are_named(tmp_path):
+    with pytest.raises(ValueError, match="multibench option 'f_max_ter': unknown"):
+        INTEGRATION.apply(fake_checkout(tmp_path), {"f_max_ter": 7})
+    with pytest.raises(ValueError, match="deq 'solvr': unknown"):
+        create("deq", [4, 4], solvr="anderson")
+    with pytest.raises(ValueError, match="'jac_weight': must be a number >= 0"):
+        DEQObjective(jac_weight=-1.0)
 
 
 def test_objective_adds_the_jacobian_term_in_training_only():
@@ -100,15 +125,21 @@ def test_fusion_gets_its_own_learning_rate():
 
 
 def test_shim_stands_in_only_for_what_is_missing(monkeypatch):
-    monkeypatch.setitem(compat.STAND_INS, "deqfusion_no_such_pkg", (("json", "deqfusion_no_such_pkg"), "a test", ("sub",)))
-    monkeypatch.setitem(compat.STAND_INS, "json", (("json",), "a test", ()))
-    with compat.shims():
-        from deqfusion_no_such_pkg import sub  # noqa: F401  (what MultiBench's top-level imports do)
-        from deqfusion_no_such_pkg.sub import Thing
-        with pytest.raises(ImportError, match="deqfusion_no_such_pkg.sub.Thing is not available.*only for a test"):
-            Thing()
-        assert not isinstance(sys.modules["json"], compat.Unavailable)
-    assert "deqfusion_no_such_pkg" not in sys.modules and "deqfusion_no_such_pkg" in compat.applied
+    monkeypatch.setitem(shims.STAND_INS, "deqfusion_no_such_pkg", (("json", "deqfusion_no_such_pkg"), "a test", ("sub",)))
+    monkeypatch.setitem(shims.STAND_INS, "json", (("json",), "a test", ()))
+    missing, present = (shims._stand_in_shim(name, "a test shim") for name in ("deqfusion_no_such_pkg", "json"))
+    try:
+        with compat.applying("multibench", [missing.name, present.name]) as names:
+            from deqfusion_no_such_pkg import sub  # noqa: F401  (what MultiBench's top-level imports do)
+            from deqfusion_no_such_pkg.sub import Thing
+            with pytest.raises(ImportError, match="deqfusion_no_such_pkg.sub.Thing is not available.*only for a test"):
+                Thing()
+            assert names == ["deqfusion_no_such_pkg"] and not isinstance(sys.modules["json"], common.Unavailable)
+        assert "deqfusion_no_such_pkg" not in sys.modules            # undone when the import is over
+        assert missing in compat.applied("multibench") and present not in compat.applied("multibench")
+    finally:
+        compat.unregister(missing)
+        compat.unregister(present)
 
 
 class Saved(nn.Module):  # a pickled module, as MultiBench's train saves its best model
@@ -120,10 +151,10 @@ class Saved(nn.Module):  # a pickled module, as MultiBench's train saves its bes
 def test_saved_model_loads(tmp_path):
     path = tmp_path / "best.pt"
     torch.save(Saved(), path)
-    assert isinstance(compat.load_model(path), Saved)
-    with compat.full_torch_load():
+    assert isinstance(shims.load_model(path), Saved)
+    with compat.applying("multibench", shims.SCRIPT):
         assert isinstance(torch.load(path), Saved)  # MultiBench's bare torch.load(filename)
-    if compat.load_defaults_to_weights_only():
+    if shims.load_defaults_to_weights_only():
         with pytest.raises(Exception, match="weights_only"):
             torch.load(path)  # the shim is scoped: outside it, torch's default is back
 

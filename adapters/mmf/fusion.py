@@ -7,53 +7,47 @@ statistics of its last call stay on the module (``last_jac_loss``, ``last_stats`
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-# Options from `deqfusion run mmf --f-max-iter ... --jac-weight ...`; they override the config's params.
-OVERRIDES: dict[str, Any] = {}
+from deqfusion_core.integration import FusionAdapter
+from deqfusion_core.options import FusionOptions
 
 
-class DEQFusionMMF(nn.Module):
+class DEQFusionMMF(FusionAdapter):
     """DEQ fusion with MMF's fusion signature: ``(input_dims, output_dim, **DEQFusion options)``.
 
     ``jac_weight``: weight of the Jacobian term. A model that knows this fusion (``FusionClassifier``) sets
-    ``report_jacobian = True`` and puts ``jac_weight * last_jac_loss`` into MMF's ``losses`` dict; any other
-    model gets the term attached to the fused tensor's backward (the core's ``jac_weight``), so MMF's
-    unchanged ``loss.backward()`` includes it either way.
+    ``jacobian = "report"`` and puts ``jac_weight * last_jac_loss`` into MMF's ``losses`` dict; any other
+    model gets the term attached to the fused tensor's backward, so MMF's unchanged ``loss.backward()``
+    includes it either way. ``command_line``: the options of ``deqfusion run mmf`` (``--f-max-iter ...``), which
+    override the config's params; :func:`register_fusions` registers a subclass that carries them.
     """
 
-    def __init__(self, input_dims: Sequence[int], output_dim: int, jac_weight: float = 0.0, **options):
-        super().__init__()
-        from deqfusion_core import DEQFusion
+    label = "MMF"
+    command_line: Mapping[str, Any] = {}
 
-        options = {**options, **{k: v for k, v in OVERRIDES.items() if k != "jac_weight"}}
-        self.jac_weight = float(OVERRIDES.get("jac_weight", jac_weight))
-        self.report_jacobian = False
-        self.deq = DEQFusion(list(input_dims), int(output_dim), **options)
-        self.last_jac_loss: torch.Tensor | None = None
-        self.last_stats = None
+    def __init__(self, input_dims: Sequence[int], output_dim: int, **params):
+        options = FusionOptions(params, where="fusion.params").updated(self.command_line, where="deqfusion run mmf")
+        super().__init__(list(input_dims), int(output_dim), options)
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
-        fused, jac, stats = self.deq(list(xs))
-        self.last_jac_loss, self.last_stats = jac, stats
-        if jac is not None and self.jac_weight > 0 and not self.report_jacobian:
-            from deqfusion_core import attach_aux_loss
-
-            fused = attach_aux_loss(fused, jac, self.jac_weight)
-        return fused
+        return self.fuse(xs)
 
 
-def register_fusions() -> dict[str, type]:
-    """Register `deq` and MMF's own fusions (rc10 never imports mmf.modules.fusions). Returns the registry."""
+def register_fusions(options: Mapping[str, Any] | None = None) -> dict[str, type]:
+    """Register `deq` (a :class:`DEQFusionMMF` with ``options`` from the command line; None: keep the one
+    registered) and MMF's own fusions (rc10 never imports mmf.modules.fusions). Returns the registry."""
     import mmf.modules.fusions  # noqa: F401 - registers block, mutan, linear_sum, ... as a side effect
     from mmf.common.registry import registry
 
     mapping = registry.mapping.setdefault("fusion_name_mapping", {})
-    if mapping.get("deq") is not DEQFusionMMF:
-        registry.register_fusion("deq")(DEQFusionMMF)
+    registered = mapping.get("deq")
+    if options is not None or not (isinstance(registered, type) and issubclass(registered, DEQFusionMMF)):
+        given = dict(options.given() if isinstance(options, FusionOptions) else options or {})
+        registry.register_fusion("deq")(type("DEQFusionMMF", (DEQFusionMMF,), {"command_line": given}))
     return mapping
 
 

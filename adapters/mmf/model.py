@@ -22,10 +22,11 @@ import weakref
 import torch
 from torch import nn
 
-from . import compat
+from deqfusion_compat import mmf_rc10
+
 from .fusion import DEQFusionMMF, _to_container, build_fusion
 
-compat.install()  # before the first `import mmf`
+mmf_rc10.install()  # before the first `import mmf`
 from mmf.common.registry import registry  # noqa: E402
 from mmf.models.base_model import BaseModel  # noqa: E402
 
@@ -140,7 +141,7 @@ class FusionClassifier(BaseModel):
         dims = [self.encoders[m].out_dim for m in self.modalities]
         self.fusion = build_fusion(self.config.get("fusion", None), dims, self.config.fusion_dim, key=f"{key}.fusion")
         if isinstance(self.fusion, DEQFusionMMF):
-            self.fusion.report_jacobian = True   # we put it into the losses dict ourselves
+            self.fusion.jacobian = "report"      # we put it into the losses dict ourselves
             self.fusion.deq.track_gates = bool(self.config.get("track_gates", False))
         self.classifier = nn.Sequential(nn.Dropout(float(self.config.get("dropout", 0.0))),
                                         nn.Linear(self.config.fusion_dim, self.num_labels))

@@ -6,7 +6,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from deqfusion_core import Integration, hookimpl
+from deqfusion_core import hookimpl
+from deqfusion_core.compat import unwatch_imports
+from deqfusion_core.integration import Integration
+from deqfusion_core.process import run_main
 
 from . import CONFIG_DIR, USER_DIR
 
@@ -27,23 +30,20 @@ def resolve_config_opts(argv: Sequence[str]) -> list[str]:
 class MMFIntegration(Integration):
     name = "mmf"
     summary = "fusion: deq in MMF's fusion registry, fusion_classifier model, easy_vqa dataset"
-    distribution = "mmf"
-    module = "mmf"
+    distribution, module = "mmf", "mmf"
+    compat = ("deqfusion_compat.mmf_rc10",)
 
-    def apply(self, upstream, options=None):
-        from . import register
+    def install(self, upstream, options):
+        from .registration import register, unregister
 
-        register(options or {})
-        self.applied = True
+        self.patches.call(lambda: unwatch_imports(self.name))
+        self.patches.call(unregister)
+        register(options)
 
     def launch(self, upstream, argv):
         from mmf_cli.run import run
 
-        try:
-            run(opts=resolve_config_opts(argv))
-        except SystemExit as exc:
-            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        return 0
+        return run_main(lambda: run(opts=resolve_config_opts(argv)))
 
 
 INTEGRATION = MMFIntegration()

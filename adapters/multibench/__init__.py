@@ -5,8 +5,8 @@
     train(encoders, fusion, Linear(fusion.output_dim, 23), ..., **deq_train_kwargs(fusion))
 
 Modules: ``registry`` (fusions by name), ``training`` (Jacobian term, fusion learning rate, the paper's
-MM-IMDB setting for MultiBench's unmodified ``train``), ``mmimdb`` (the MM-IMDB runner), ``compat``
-(conditional shims), ``checkout`` (finding the checkout), ``plugin`` (``deqfusion run multibench``).
+MM-IMDB setting for MultiBench's unmodified ``train``), ``mmimdb`` (the MM-IMDB runner), ``checkout``
+(finding the checkout), ``plugin`` (``deqfusion run multibench``). Shims: ``deqfusion_compat.multibench``.
 """
 from .checkout import MultiBenchNotFound, find_checkout, import_multibench, use_checkout
 from .registry import MultiBenchDEQ, create, get, list_fusions, register_fusion

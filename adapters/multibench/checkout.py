@@ -10,8 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-from deqfusion_core import UpstreamNotFound
+from deqfusion_core.compat import applying
+from deqfusion_core.integration import UpstreamNotFound, locate
 
+NAME = "multibench"
 ENV_VAR = "DEQFUSION_MULTIBENCH_ROOT"
 MARKER = "training_structures/Supervised_Learning.py"
 REPOSITORY = "pliang279/MultiBench"
@@ -22,7 +24,7 @@ class MultiBenchNotFound(UpstreamNotFound):
     """The MultiBench checkout a MultiBench fusion or the trainer needs was not found."""
 
 
-def use_checkout(path: str | os.PathLike | None) -> Path:
+def use_checkout(path: str | os.PathLike | None) -> Path | None:
     """Use the checkout at ``path`` from now on in this process (``None``: back to ``$DEQFUSION_MULTIBENCH_ROOT``)."""
     global _configured
     _configured = None if path is None else find_checkout(path)
@@ -31,9 +33,7 @@ def use_checkout(path: str | os.PathLike | None) -> Path:
 
 def find_checkout(root: str | os.PathLike | None = None, what: str = "this") -> Path:
     """The MultiBench checkout to use, or MultiBenchNotFound saying how to give one."""
-    from .plugin import INTEGRATION  # the Integration knows how to validate a checkout (its marker file)
-
-    up = INTEGRATION.locate(root if root is not None else _configured)
+    up = locate(NAME, root if root is not None else _configured, env_var=ENV_VAR, marker=MARKER, repository=REPOSITORY)
     if not up.found:
         raise MultiBenchNotFound(
             f"{what} needs a MultiBench checkout (git clone https://github.com/{REPOSITORY}), which was not "
@@ -47,7 +47,7 @@ def import_multibench(module: str, root: str | os.PathLike | None = None):
     The checkout goes first on ``sys.path`` (as MultiBench's own scripts do) and stays there: models it
     pickles refer to its modules by their top-level names.
     """
-    from .compat import shims
+    from deqfusion_compat import multibench as shims
 
     root = find_checkout(root, what=f"importing MultiBench's {module}")
     if str(root) not in sys.path:
@@ -59,5 +59,5 @@ def import_multibench(module: str, root: str | os.PathLike | None = None):
         if where is not None and root not in Path(where).resolve().parents:
             raise ImportError(f"{module}: a module named {top!r} from {where} is already imported, and it is not "
                               f"MultiBench's ({root / top}); import MultiBench before it or in another process")
-    with shims():
+    with applying(NAME, shims.IMPORT):
         return importlib.import_module(module)

@@ -20,8 +20,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from deqfusion_compat.multibench import load_model
+from deqfusion_core.options import FusionOptions, parse_fusion_option
+
 from .checkout import import_multibench
-from .compat import load_model
 from .registry import create
 from .training import PAPER_MMIMDB, train_paper_mmimdb
 
@@ -124,8 +126,6 @@ def run(data, root=None, *, fusion: str = "deq", fusion_kwargs: dict | None = No
 
 
 def parser() -> argparse.ArgumentParser:
-    from deqfusion_core.cli import parse_fusion_option
-
     p = argparse.ArgumentParser(prog="deqfusion run multibench --", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="multimodal_imdb.hdf5 (features, vgg_features, genres)")
     p.add_argument("--root", help="MultiBench checkout (else --upstream / $DEQFUSION_MULTIBENCH_ROOT)")
@@ -148,12 +148,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, root=None, fusion_options: dict | None = None) -> int:
+def main(argv: Sequence[str] | None = None, root=None, fusion_options=None) -> int:
     args = parser().parse_args(argv)
-    options = dict(fusion_options or {})  # `deqfusion run multibench --solver ... --jac-weight ...`
-    jac_weight = args.jac_weight if args.jac_weight is not None else options.pop("jac_weight", PAPER_MMIMDB["jac_weight"])
-    options.pop("jac_weight", None)
-    fusion_kwargs = {**(options if args.fusion == "deq" else {}), **dict(args.fusion_arg)}
+    options = FusionOptions.coerce(fusion_options)  # `deqfusion run multibench --solver ... --jac-weight ...`
+    jac_weight = args.jac_weight if args.jac_weight is not None else options.get("jac_weight", PAPER_MMIMDB["jac_weight"])
+    fusion_kwargs = {**(options.fusion_kwargs() if args.fusion == "deq" else {}), **dict(args.fusion_arg)}
     try:
         check_file(args.data)
     except (OSError, KeyError, ValueError) as exc:

@@ -4,47 +4,44 @@
 * ``<args>`` starting with a ``.py`` script (relative to the checkout): run that MultiBench script
   unchanged, with the compatibility shims; it can build fusions with ``deqfusion_adapters.multibench.create``;
 * otherwise: the MM-IMDB runner (``python -m deqfusion_adapters.multibench.mmimdb --help``).
+
+Applying it uses the checkout for the registry's MultiBench fusions, and registers ``deq`` with the fusion
+options as its defaults.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from pathlib import Path
 
-from deqfusion_core import Integration, hookimpl, prepend_sys_path, run_path_as_main
+from deqfusion_compat import multibench as shims
+from deqfusion_core import hookimpl
+from deqfusion_core.compat import applying
+from deqfusion_core.integration import Integration
+from deqfusion_core.process import prepend_sys_path, run_path_as_main
+
+from . import checkout, registry
 
 
 class MultiBenchIntegration(Integration):
-    name = "multibench"
+    name = checkout.NAME
     summary = "fusion registry with `deq` for MultiBench; MM-IMDB trained by MultiBench's own train()"
-    env_var = "DEQFUSION_MULTIBENCH_ROOT"
-    marker = "training_structures/Supervised_Learning.py"
-    repository = "pliang279/MultiBench"
+    env_var, marker, repository = checkout.ENV_VAR, checkout.MARKER, checkout.REPOSITORY
+    compat = ("deqfusion_compat.multibench",)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.options: dict = {}
-
-    def apply(self, upstream, options=None):
-        """Use this checkout for the registry's MultiBench fusions; ``options`` become ``deq``'s defaults."""
-        from .checkout import use_checkout
-
-        use_checkout(upstream.require().root)
-        self.options = dict(options or {})
-        self.applied = True
-
-    def remove(self):
-        from .checkout import use_checkout
-
-        use_checkout(None)
-        self.options, self.applied = {}, False
+    def install(self, upstream, options):
+        self.patches.call(lambda: checkout.use_checkout(None))
+        checkout.use_checkout(upstream.require().root)
+        deq = registry.entry("deq")
+        self.patches.item(registry.FUSIONS, "deq",
+                          dataclasses.replace(deq, factory=functools.partial(deq.factory, defaults=options)))
 
     def launch(self, upstream, argv):
         argv = list(argv)
         if argv and argv[0].endswith(".py"):
-            from .compat import full_torch_load, shims
-
             script = Path(argv[0])
             script = script if script.is_absolute() else upstream.root / script
-            with prepend_sys_path(upstream.root), shims(), full_torch_load():  # the checkout's modules import
+            with prepend_sys_path(upstream.root), applying(self.name, shims.IMPORT + shims.SCRIPT):
                 return run_path_as_main(script, argv[1:], cwd=upstream.root)
         from .mmimdb import main
 

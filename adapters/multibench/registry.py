@@ -20,6 +20,9 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from deqfusion_core.integration import FusionAdapter
+from deqfusion_core.options import FusionOptions
+
 from .checkout import import_multibench
 
 
@@ -31,34 +34,34 @@ class FusionEntry:
     summary: str
 
 
-_REGISTRY: dict[str, FusionEntry] = {}
+FUSIONS: dict[str, FusionEntry] = {}   # name -> entry (the integration re-registers `deq` with its options)
 
 
 def register_fusion(name: str, source: str = "deqfusion", summary: str = ""):
     """Decorator: register ``factory(input_dims, **kw) -> nn.Module with .output_dim`` under ``name``."""
     def deco(factory):
-        if name in _REGISTRY:
-            raise ValueError(f"fusion {name!r} is already registered (by {_REGISTRY[name].source})")
-        _REGISTRY[name] = FusionEntry(name, factory, source, summary or (factory.__doc__ or "").strip().split("\n")[0])
+        if name in FUSIONS:
+            raise ValueError(f"fusion {name!r} is already registered (by {FUSIONS[name].source})")
+        FUSIONS[name] = FusionEntry(name, factory, source, summary or (factory.__doc__ or "").strip().split("\n")[0])
         return factory
     return deco
 
 
 def list_fusions(filter: str = "") -> list[str]:
     """Registered names, sorted; ``filter`` is a shell pattern (``"concat*"``)."""
-    return sorted(n for n in _REGISTRY if not filter or fnmatch.fnmatch(n, filter))
+    return sorted(n for n in FUSIONS if not filter or fnmatch.fnmatch(n, filter))
 
 
 def get(name: str) -> Callable[..., nn.Module]:
     """The factory registered under ``name``."""
-    if name not in _REGISTRY:
+    if name not in FUSIONS:
         raise KeyError(f"unknown fusion {name!r}; registered: {', '.join(list_fusions())}")
-    return _REGISTRY[name].factory
+    return FUSIONS[name].factory
 
 
 def entry(name: str) -> FusionEntry:
     get(name)
-    return _REGISTRY[name]
+    return FUSIONS[name]
 
 
 def create(name: str, input_dims: Sequence[int], **kwargs) -> nn.Module:
@@ -74,36 +77,31 @@ def create(name: str, input_dims: Sequence[int], **kwargs) -> nn.Module:
 
 # -- deq ---------------------------------------------------------------------------------------------
 
-class MultiBenchDEQ(nn.Module):
-    """``deqfusion_core.DEQFusion`` under MultiBench's fusion contract.
+class MultiBenchDEQ(FusionAdapter):
+    """DEQ fusion under MultiBench's fusion contract.
 
     ``forward`` returns a plain tuple ``(fused, jac_loss, stats)``: MultiBench's ``MMDL`` sends element 0
     to the head and keeps the whole tuple in ``objective_args_dict['fused']``, where
-    ``training.DEQObjective`` finds the Jacobian term. (A NamedTuple would not do: ``MMDL`` tests
-    ``type(out) is tuple``.)
+    ``training.DEQObjective`` finds the Jacobian term and weights it. (A NamedTuple would not do: ``MMDL``
+    tests ``type(out) is tuple``.)
     """
 
-    def __init__(self, input_dims: Sequence[int], dim: int | None = None, **deq_kwargs):
-        super().__init__()
-        from deqfusion_core import DEQFusion
+    label, jacobian = "MultiBench", "report"
 
-        self.deq = DEQFusion(list(input_dims), dim, **deq_kwargs)
+    def __init__(self, input_dims: Sequence[int], dim: int | None = None, options=None):
+        super().__init__(input_dims, dim, options)
         self.output_dim = self.deq.dim
-        self.last_stats = None  # solver statistics of the latest forward (non-convergence shows here)
 
     def forward(self, modalities):
-        fused, jac_loss, stats = self.deq(list(modalities))
-        self.last_stats = stats
-        return (fused, jac_loss, stats)
+        fused = self.fuse(modalities)
+        return (fused, self.last_jac_loss, self.last_stats)
 
 
 @register_fusion("deq")
-def deq(input_dims, dim=None, **deq_kwargs):
-    """Deep Equilibrium fusion (deqfusion_core.DEQFusion); ``dim`` defaults to the common input width."""
-    from .plugin import INTEGRATION  # `deqfusion run multibench --solver ...` options are the defaults
-
-    options = {k: v for k, v in INTEGRATION.options.items() if k != "jac_weight"}
-    return MultiBenchDEQ(input_dims, dim, **{**options, **deq_kwargs})
+def deq(input_dims, dim=None, defaults=None, **deq_kwargs):
+    """Deep Equilibrium fusion (DEQFusion); ``dim`` defaults to the common input width."""
+    # defaults: the options of `deqfusion run multibench --solver ...` (the integration binds them)
+    return MultiBenchDEQ(input_dims, dim, FusionOptions.coerce(defaults).updated(deq_kwargs, where="deq"))
 
 
 # -- MultiBench's fusions (fusions/common_fusions.py and fusions/mult.py of the user's checkout) -------

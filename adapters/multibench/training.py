@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from deqfusion_core.options import FusionOptions
+
 from .checkout import import_multibench
 
 # The paper authors' MM-IMDB DEQ setting (paper appendix C; see docs/multibench.md).
@@ -31,10 +33,8 @@ class DEQObjective:
     """
 
     def __init__(self, criterion: nn.Module | None = None, jac_weight: float = 0.1):
-        if jac_weight < 0:
-            raise ValueError(f"jac_weight: must be >= 0, got {jac_weight!r}")
         self.criterion = criterion if criterion is not None else nn.BCEWithLogitsLoss()
-        self.jac_weight = jac_weight
+        self.jac_weight = FusionOptions({"jac_weight": jac_weight}, where="DEQObjective").jac_weight
         self.last_jac_loss: torch.Tensor | None = None  # the term of the latest training step
 
     def target(self, truth: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:

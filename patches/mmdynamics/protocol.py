@@ -9,6 +9,7 @@
 
 Every number printed carries the protocol that produced it. The upstream ``train_test.train`` runs
 unchanged except for ``num_epoch`` and ``test_inverval``, which come from ``--epochs``/``--eval-every``.
+The model and the script are patched for the duration of a run (its fusion and width are its arguments).
 """
 from __future__ import annotations
 
@@ -19,15 +20,19 @@ import os
 import random
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from deqfusion_core.integration import Patches
+
+from .head import PAPER, DEQHead, clip_on_step, patched_model, split_key
+
 VIEWS = {"mR": 1, "D": 2, "miR": 3}      # MOGONET's files: 1 mRNA expression, 2 DNA methylation, 3 miRNA
 DATASETS = ("ROSMAP", "BRCA")             # the names the upstream's train() recognises (its hyper-parameters)
-RUN: dict[str, Any] = {}                  # the state of the run in progress
 
 
 # -- arguments -------------------------------------------------------------------------------------------
@@ -118,22 +123,36 @@ def fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
-# -- the upstream script, wired --------------------------------------------------------------------------
-def labelled_print(*args, **kwargs) -> None:
-    """The upstream script's prints, tagged with what produced them (or silenced with --quiet)."""
-    if RUN.get("quiet"):
-        return
-    text = " ".join(str(a) for a in args)
-    stripped = text.lstrip("\n")
-    builtins.print("\n" * (len(text) - len(stripped)) + f"[{RUN.get('label', 'mmdynamics')}] {stripped}", **kwargs)
+# -- a run -----------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One run of the upstream script: its arguments, what it produced, and the summary."""
+
+    args: argparse.Namespace
+    protocol: str
+    label: str = "mmdynamics"
+    history: list = field(default_factory=list)
+    epoch_times: list = field(default_factory=list)
+    model: Any = None
+    test: list | None = None
+    labels_te: np.ndarray | None = None
+    val: list | None = None
+    labels_val: np.ndarray | None = None
+    split_keys: dict = field(default_factory=dict)
+    checkpoint: dict | None = None
+    summary: dict = field(default_factory=dict)
+
+    def print(self, *args, **kwargs) -> None:
+        """The upstream script's prints, tagged with what produced them (or silenced with --quiet)."""
+        if self.args.quiet:
+            return
+        text = " ".join(str(a) for a in args)
+        stripped = text.lstrip("\n")
+        builtins.print("\n" * (len(text) - len(stripped)) + f"[{self.label}] {stripped}", **kwargs)
 
 
-def option(name: str, upstream_value: int) -> int:
-    return RUN.get(name) or upstream_value
-
-
-def transform_train(train_test) -> None:
-    """Recompile ``train`` with ``num_epoch``/``test_inverval`` read from the run's options (in memory)."""
+def transformed_train(train_test):
+    """``train`` recompiled with ``num_epoch``/``test_inverval`` read from ``_deqfusion_option`` (in memory)."""
     lines, start = inspect.getsourcelines(train_test.train)
     src = "\n" * (start - 1) + "".join(lines)      # keep the upstream line numbers in tracebacks
     src, n_epochs = re.subn(r"^(\s*)num_epoch = (\d+)\s*$", r"\1num_epoch = _deqfusion_option('epochs', \2)", src,
@@ -143,117 +162,120 @@ def transform_train(train_test) -> None:
     if not n_epochs or n_interval != 1:
         raise RuntimeError("MM-Dynamics train_test.train changed: 'num_epoch = N' / 'test_inverval = N' not found; "
                            "this patch targets TencentAILabHealthcare/mmdynamics 06a2bb8")
-    train_test._deqfusion_option = option
-    code = compile(src, inspect.getsourcefile(train_test.train), "exec")
-    exec(code, train_test.__dict__)
+    namespace: dict = {}
+    exec(compile(src, inspect.getsourcefile(train_test.train), "exec"), train_test.__dict__, namespace)
+    return namespace[train_test.train.__name__]     # its globals: the module's, with the patched functions
 
 
-def patch_script(train_test) -> None:
-    from .plugin import clip_on_step, split_key
-
-    upstream = {n: getattr(train_test, n) for n in ("prepare_trte_data", "train_epoch", "test_epoch", "train")}
-    transform_train(train_test)
+def patch_script(patches: Patches, train_test, run: Run, grad_clip: float) -> None:
+    """The upstream script's data loading, epochs and prints, wired to ``run``."""
+    upstream = {n: getattr(train_test, n) for n in ("prepare_trte_data", "train_epoch", "test_epoch")}
+    args = run.args
 
     def prepare_trte_data(_dataset_name):
         """The upstream loader on the user's folder; keeps the selected views; fair: carves off validation."""
-        tr, te, idx, labels = upstream["prepare_trte_data"](RUN["data_folder"])
-        tr, te = [tr[v - 1] for v in RUN["views"]], [te[v - 1] for v in RUN["views"]]
+        tr, te, idx, labels = upstream["prepare_trte_data"](str(Path(args.data_folder).expanduser().resolve()))
+        tr, te = [tr[v - 1] for v in args.views], [te[v - 1] for v in args.views]
         labels_tr, labels_te = labels[idx["tr"]], labels[idx["te"]]
-        if RUN["protocol"] == "fair":
+        if run.protocol == "fair":
             from sklearn.model_selection import train_test_split
 
-            keep, val = train_test_split(np.arange(len(labels_tr)), test_size=RUN["val_fraction"],
-                                         stratify=labels_tr, random_state=RUN["seed"])
+            keep, val = train_test_split(np.arange(len(labels_tr)), test_size=args.val_fraction,
+                                         stratify=labels_tr, random_state=args.seed)
             keep, val = np.sort(keep), np.sort(val)
-            RUN["val"] = [x[torch.as_tensor(val, device=x.device)] for x in tr]
-            RUN["labels_val"] = labels_tr[val]
+            run.val = [x[torch.as_tensor(val, device=x.device)] for x in tr]
+            run.labels_val = labels_tr[val]
             tr, labels_tr = [x[torch.as_tensor(keep, device=x.device)] for x in tr], labels_tr[keep]
-        RUN["test"], RUN["labels_te"] = te, labels_te
-        named = {"train": tr, "test": te, "val": RUN.get("val")}
-        RUN["split_keys"] = {split_key(x): name for name, x in named.items() if x is not None}
+        run.test, run.labels_te = te, labels_te
+        named = {"train": tr, "test": te, "val": run.val}
+        run.split_keys = {split_key(x): name for name, x in named.items() if x is not None}
         n_tr = len(labels_tr)
         return tr, te, {"tr": list(range(n_tr)), "te": list(range(n_tr, n_tr + len(labels_te)))}, \
             np.concatenate([labels_tr, labels_te])
 
     def train_epoch(data_list, label, model, optimizer):
-        RUN["model"] = model
-        clip_on_step(model, optimizer)
+        run.model = model
+        if args.fusion == "deq":
+            clip_on_step(model, optimizer, grad_clip)
         start = time.perf_counter()
         upstream["train_epoch"](data_list, label, model, optimizer)
-        RUN["epoch_times"].append(time.perf_counter() - start)
+        run.epoch_times.append(time.perf_counter() - start)
 
     def test_epoch(data_list, model):
         prob = upstream["test_epoch"](data_list, model)
-        if RUN.get("testonly"):
-            RUN["checkpoint"] = scores(RUN["labels_te"], prob)
+        if args.testonly:
+            run.checkpoint = scores(run.labels_te, prob)
             return prob
-        epoch = len(RUN["epoch_times"]) - 1
-        record = {"epoch": epoch, "test": scores(RUN["labels_te"], prob)}
-        if RUN["protocol"] == "fair":
-            record["val"] = scores(RUN["labels_val"], upstream["test_epoch"](RUN["val"], model))
-            labelled_print(f"epoch {epoch} validation: {fmt(record['val'])}")
-        RUN["history"].append(record)
-        report_solver(model, epoch)
+        epoch = len(run.epoch_times) - 1
+        record = {"epoch": epoch, "test": scores(run.labels_te, prob)}
+        if run.protocol == "fair":
+            record["val"] = scores(run.labels_val, upstream["test_epoch"](run.val, model))
+            run.print(f"epoch {epoch} validation: {fmt(record['val'])}")
+        run.history.append(record)
+        report_solver(run, model, epoch)
         return prob
 
-    train_test.prepare_trte_data, train_test.train_epoch, train_test.test_epoch = \
-        prepare_trte_data, train_epoch, test_epoch
-    train_test.print = labelled_print
-    train_test._deqfusion_upstream = upstream
+    def option(name: str, upstream_value: int) -> int:
+        return getattr(args, name) or upstream_value
+
+    for name, value in (("prepare_trte_data", prepare_trte_data), ("train_epoch", train_epoch),
+                        ("test_epoch", test_epoch), ("print", run.print), ("_deqfusion_option", option),
+                        ("train", transformed_train(train_test))):
+        patches.set(train_test, name, value)
 
 
-def report_solver(model, epoch: int) -> None:
-    from .plugin import DEQHead
-
+def report_solver(run: Run, model, epoch: int) -> None:
     head = getattr(model, "MMClasifier", None)
-    if not isinstance(head, DEQHead) or not head.stats:
+    if not isinstance(head, DEQHead) or not head.split_solves:
         return
     parts = []
-    for key, stats in head.stats.items():
-        name = RUN["split_keys"].get(key, "?")
+    for key, stats in head.split_solves.items():
+        name = run.split_keys.get(key, "?")
         parts.append(f"{name}: {stats.nstep} steps, rel residual {stats.rel_residual:.1e}"
                      f"{'' if stats.converged else ' NOT CONVERGED'}")
-    labelled_print(f"epoch {epoch} DEQ solver: " + "; ".join(parts))
+    run.print(f"epoch {epoch} DEQ solver: " + "; ".join(parts))
 
 
-# -- a run -----------------------------------------------------------------------------------------------
-def run(train_test, args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    """Run the upstream ``train(dataset, modelpath, testonly)`` under ``args``; print and return the summary."""
-    from .plugin import PAPER, SETTINGS
-
-    SETTINGS["fusion"] = args.fusion
-    SETTINGS["hidden"] = args.hidden or (PAPER["hidden"] if args.fusion == "deq" else None)
+def run(modules: dict, options, args: argparse.Namespace, root: Path) -> Run:
+    """Run the upstream ``train(dataset, modelpath, testonly)`` of ``modules`` (its ``model`` and ``train_test``)
+    under ``args``, with DEQ fusion built from ``options``; print the summary and return the run."""
+    train_test = modules["train_test"]
+    hidden = args.hidden or (PAPER["hidden"] if args.fusion == "deq" else None)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
     modelpath = args.modelpath or (str(Path(root) / "model") if args.testonly else "model")
-    RUN.clear()
-    RUN.update(data_folder=str(Path(args.data_folder).expanduser().resolve()), views=args.views, seed=args.seed,
-               protocol="paper" if args.testonly else args.protocol, val_fraction=args.val_fraction,
-               epochs=args.epochs, eval_every=args.eval_every, quiet=args.quiet, testonly=args.testonly,
-               history=[], epoch_times=[])
+    current = Run(args, protocol="paper" if args.testonly else args.protocol)
     title = (f"MM-Dynamics {args.dataset} views {view_names(args.views)} fusion={args.fusion} "
-             f"hidden={SETTINGS['hidden'] or 'upstream'} seed={args.seed}")
+             f"hidden={hidden or 'upstream'} seed={args.seed}")
     if args.testonly:
-        RUN["label"] = f"checkpoint {Path(modelpath) / args.dataset / 'checkpoint.pt'}, test split"
+        current.label = f"checkpoint {Path(modelpath) / args.dataset / 'checkpoint.pt'}, test split"
     elif args.protocol == "paper":
-        RUN["label"] = f"paper protocol: test split every {args.eval_every} epochs"
+        current.label = f"paper protocol: test split every {args.eval_every} epochs"
     else:
-        RUN["label"] = f"fair protocol: test split every {args.eval_every} epochs, monitoring only"
-    builtins.print(f"== {title}, protocol {RUN['protocol']}")
-    train_test.train(args.dataset, os.path.join(modelpath, ""), args.testonly)
+        current.label = f"fair protocol: test split every {args.eval_every} epochs, monitoring only"
+    builtins.print(f"== {title}, protocol {current.protocol}")
+    with Patches() as patches:
+        init, forward = patched_model(modules["model"], options, args.fusion, hidden)
+        patches.set(modules["model"].MMDynamic, "__init__", init)
+        patches.set(modules["model"].MMDynamic, "forward", forward)
+        patch_script(patches, train_test, current, options["grad_clip"])
+        train_test.train(args.dataset, os.path.join(modelpath, ""), args.testonly)
+    current.summary = summarize(current, train_test, title)
+    return current
 
-    summary: dict[str, Any] = {"title": title, "protocol": RUN["protocol"], "dataset": args.dataset,
+
+def summarize(run: Run, train_test, title: str) -> dict[str, Any]:
+    args = run.args
+    summary: dict[str, Any] = {"title": title, "protocol": run.protocol, "dataset": args.dataset,
                                "views": view_names(args.views), "fusion": args.fusion, "seed": args.seed}
     if args.testonly:
-        summary["checkpoint"] = RUN["checkpoint"]
-        builtins.print(f"[{RUN['label']}] {fmt(RUN['checkpoint'])}")
+        summary["checkpoint"] = run.checkpoint
+        builtins.print(f"[{run.label}] {fmt(run.checkpoint)}")
         return summary
-    model = RUN["model"]
-    final = scores(RUN["labels_te"], train_test._deqfusion_upstream["test_epoch"](RUN["test"], model))
-    history = RUN["history"]
-    n_epochs = len(RUN["epoch_times"])
-    summary.update(epochs=n_epochs - 1, epoch_time_s=float(np.mean(RUN["epoch_times"])), history=history)
+    final = scores(run.labels_te, train_test.test_epoch(run.test, run.model))
+    history, n_epochs = run.history, len(run.epoch_times)
+    summary.update(epochs=n_epochs - 1, epoch_time_s=float(np.mean(run.epoch_times)), history=history)
     summary["final"] = dict(final, epoch=n_epochs - 1)
     if args.protocol == "paper":
         best = max(history, key=lambda r: r["test"]["acc"])    # first maximum: the earliest epoch

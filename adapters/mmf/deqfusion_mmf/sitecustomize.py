@@ -8,9 +8,9 @@ import os
 import sys
 
 try:
-    from deqfusion_adapters.mmf import compat
+    from deqfusion_compat import mmf_rc10
 
-    compat.install()
+    mmf_rc10.install()
 except ImportError:  # deqfusion not importable from this interpreter: leave it alone
     pass
 

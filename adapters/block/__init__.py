@@ -1,1 +1,0 @@
-"""deqfusion integration package."""

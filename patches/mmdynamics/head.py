@@ -1,0 +1,87 @@
+"""MM-Dynamics' model with DEQ fusion: the head that replaces ``MMClasifier``, the model patch, the paper's
+settings. Imported by both the plugin and the protocol.
+
+``MMDynamic.MMClasifier`` (upstream: ``Linear(views * hidden, classes)`` over the concatenation of the
+confidence-weighted view features) becomes :class:`DEQHead`: the concatenation is split back into the
+views, fused by ``DEQFusion`` (x_fuse = their weighted sum, initialised to the plain sum; no dropout
+inside), and only the fused state goes to ``Linear(hidden, classes)``. ``MMDynamic.forward`` is the
+upstream one; a thin wrapper only tells the head which data split it sees, so that the solver
+warm-starts from the previous full-batch epoch's state of the same split.
+"""
+from __future__ import annotations
+
+import torch
+
+from deqfusion_core.integration import FusionAdapter
+
+# The paper's training settings for MM-Dynamics: Jacobian weight, gradient-norm clip, hidden width.
+PAPER = {"jac_weight": 20.0, "grad_clip": 30.0, "hidden": 500}
+
+
+class DEQHead(FusionAdapter):
+    """Replaces ``MMClasifier``: split the concatenated view features, DEQ-fuse them, classify the fused state."""
+
+    label = "MM-Dynamics"
+
+    def __init__(self, views: int, hidden: int, num_class: int, linear_layer, options):
+        super().__init__([hidden] * views, hidden, options)
+        self.views, self.hidden = views, hidden
+        self.classifier = linear_layer(hidden, num_class)     # the upstream LinearLayer (xavier init)
+        self.split_key = None     # set by the patched MMDynamic.forward: which data split is passing
+        # split -> its last solve's SolverStats: warm start of the next epoch (not in state_dict), and its report
+        self.split_solves: dict = {}
+
+    def forward(self, concatenated: torch.Tensor) -> torch.Tensor:
+        xs = list(torch.split(concatenated, self.hidden, dim=1))
+        if len(xs) != self.views:
+            raise ValueError(f"DEQHead: expected {self.views} views of width {self.hidden}, got {concatenated.shape}")
+        previous = self.split_solves.get(self.split_key)
+        z0 = previous.state if previous is not None else None
+        if z0 is not None and z0.shape[0] != concatenated.shape[0]:
+            z0 = None
+        fused = self.fuse(xs, z0=z0)
+        self.split_solves[self.split_key] = self.last_stats
+        return self.classifier(fused)
+
+
+def split_key(data_list) -> tuple:
+    """A data split's identity: the full-batch script passes the same tensors every epoch."""
+    x = data_list[0]
+    return (x.data_ptr(), tuple(x.shape))
+
+
+def patched_model(model_module, options, fusion: str, hidden: int | None):
+    """``MMDynamic.__init__`` and ``forward`` for a run: width ``hidden`` (None: the upstream's), and with
+    ``fusion == "deq"`` the :class:`DEQHead` built from ``options``."""
+    cls = model_module.MMDynamic
+    upstream_init, upstream_forward = cls.__init__, cls.forward
+
+    def __init__(self, in_dim, hidden_dim, num_class, dropout):
+        """Upstream MMDynamic.__init__; MMClasifier -> DEQHead when the fusion is 'deq'."""
+        if hidden:
+            hidden_dim = [hidden]
+        upstream_init(self, in_dim, hidden_dim, num_class, dropout)
+        if fusion == "deq":
+            if len(hidden_dim) != 1:
+                raise ValueError(f"hidden_dim: the DEQ head replaces the single classifier layer; got {hidden_dim}")
+            self.MMClasifier = DEQHead(self.views, hidden_dim[0], num_class, model_module.LinearLayer, options)
+
+    def forward(self, data_list, label=None, infer=False):
+        if isinstance(self.MMClasifier, DEQHead):
+            self.MMClasifier.split_key = split_key(data_list)
+        return upstream_forward(self, data_list, label, infer)
+
+    return __init__, forward
+
+
+def clip_on_step(model, optimizer, grad_clip: float) -> None:
+    """Clip the gradient norm of ``model`` to ``grad_clip`` before each ``optimizer.step()`` (once per optimizer)."""
+    if not grad_clip or getattr(optimizer, "_deqfusion_clip", False):
+        return
+    params = [p for p in model.parameters()]
+
+    def clip(*_):
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+
+    optimizer.register_step_pre_hook(clip)
+    optimizer._deqfusion_clip = True
