@@ -77,16 +77,25 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def find_upstream(command: str, name: str, path: str | None):
+    """``(integration, upstream)``, or None after saying on stderr why not (the caller exits with 2)."""
     try:
-        integ = plugins.get_integration(args.name)
+        integ = plugins.get_integration(name)
     except KeyError as exc:
-        print(f"deqfusion run: {exc.args[0]}", file=sys.stderr)
-        return 2
-    up = integ.locate(args.upstream)
+        print(f"deqfusion {command}: {exc.args[0]}", file=sys.stderr)
+        return None
+    up = integ.locate(path)
     if not up.found:
-        print(f"deqfusion run {args.name}: upstream not found: {up.reason}", file=sys.stderr)
+        print(f"deqfusion {command} {name}: upstream not found: {up.reason}", file=sys.stderr)
+        return None
+    return integ, up
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    found = find_upstream("run", args.name, args.upstream)
+    if found is None:
         return 2
+    integ, up = found
     try:
         integ.apply(up, fusion_options(args))
     except OptionError as exc:
@@ -160,18 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_bench)
 
+    from .compare.command import add_parser as add_compare_parser
+
+    add_compare_parser(sub, add_fusion_flags)
     plugins.get_plugin_manager().hook.deqfusion_add_commands(subparsers=sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    given = list(argv)
     upstream_args: list[str] = []
     if "--" in argv:  # everything after the first `--` belongs to the upstream script, untouched
         cut = argv.index("--")
         argv, upstream_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     args.upstream_args = upstream_args
+    args.argv = given   # the command as typed (result files record it)
     return int(args.func(args) or 0)
 
 
