@@ -3,7 +3,7 @@
     python benchmarks/readme_tables.py           # rewrite every generated table in README.md and docs/*.md
     python benchmarks/readme_tables.py --check   # exit 1 when a table differs from its summary.json
 
-A generated table is the text between ``<!-- results: benchmarks/results/<study>/summary.json -->`` and
+A generated table is the text between the lines ``<!-- results: benchmarks/results/<study>/summary.json -->`` and
 ``<!-- /results -->``; the summary comes from ``deqfusion compare`` (``../shared/RESULTS.md``).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"(<!-- results: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+BLOCK = re.compile(r"^(<!-- results: (?P<path>\S+) -->\n)(?P<body>.*?)^(<!-- /results -->)", re.S | re.M)
 
 
 def _ms(d: dict | None, digits: int = 3) -> str:

@@ -2,6 +2,7 @@
 summary.json files, and every summary.json the project commits is shown somewhere."""
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ def test_result_tables_equal_their_summary_json(doc):
 def test_every_table_names_an_existing_summary_and_is_closed():
     for doc in tables.documents():
         text = doc.read_text()
-        assert text.count("<!-- results: ") == text.count("<!-- /results -->") == len(tables.BLOCK.findall(text))
+        opened, closed = re.findall(r"^<!-- results: ", text, re.M), re.findall(r"^<!-- /results -->", text, re.M)
+        assert len(opened) == len(closed) == len(tables.BLOCK.findall(text))
         for m in tables.BLOCK.finditer(text):
             assert (ROOT / m.group("path")).is_file(), f"{doc.name}: {m.group('path')}"
 
