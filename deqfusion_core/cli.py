@@ -110,6 +110,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return integ.launch(up, list(args.upstream_args))
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare.command import study_options
+    from .compare.study import StudyError, run_study
+
+    found = find_upstream("compare", args.name, args.upstream)
+    if found is None:
+        return 2
+    try:
+        comparison = plugins.get_comparison(args.name)
+    except KeyError as exc:
+        print(f"deqfusion compare: {exc.args[0]}", file=sys.stderr)
+        return 2
+    integ, up = found
+    try:
+        options = fusion_options(args)
+        integ.fusion_options(options)     # checked now: they reach the fusion arm only when it trains
+        return run_study(comparison, study_options(args, str(up.root) if up.root else None, options))
+    except OptionError as exc:
+        print(f"deqfusion compare {args.name}: {exc}", file=sys.stderr)
+        return 2
+    except StudyError as exc:
+        print(f"deqfusion compare {args.name}: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
@@ -169,9 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_bench)
 
-    from .compare.command import add_parser as add_compare_parser
+    from .compare import command as compare
 
-    add_compare_parser(sub, add_fusion_flags)
+    p = sub.add_parser("compare", help=compare.HELP, usage=compare.USAGE, description=compare.DESCRIPTION)
+    compare.add_arguments(p)
+    add_fusion_flags(p)
+    p.set_defaults(func=cmd_compare)
+
     plugins.get_plugin_manager().hook.deqfusion_add_commands(subparsers=sub)
     return parser
 

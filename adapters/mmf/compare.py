@@ -23,12 +23,6 @@ SMOKE = ["training.max_updates=4", "training.log_interval=2", "training.checkpoi
          "training.evaluation_interval=2", "training.batch_size=16"]
 SMOKE_DATA = {"easy_vqa": ["dataset_config.easy_vqa.max_samples.train=96", "dataset_config.easy_vqa.max_samples.val=32",
                            "dataset_config.easy_vqa.max_samples.test=32"]}
-ANOMALY = ("MMF 1.0.0rc10's BaseTrainer.train switches torch.autograd anomaly detection on in every run (a debugging "
-           "leftover; later MMF reads `training.detect_anomaly`, default false). deqfusion makes rc10 read that key "
-           "too (`deqfusion_adapters.mmf.compat.patch_trainer_anomaly`), so both arms train without anomaly "
-           "detection: the same updates, several times faster backward passes")
-
-
 def _dataset(upstream_args: Sequence[str]) -> str:
     named = [a.split("=", 1)[1] for a in upstream_args if a.startswith(("dataset=", "datasets="))]
     return named[-1] if named else "easy_vqa"
@@ -57,8 +51,6 @@ class MMFComparison(Comparison):
         return SMOKE + SMOKE_DATA.get(_dataset(upstream_args), [])
 
     def argv(self, arm, seed, fusion_options, upstream_args, run_dir):
-        from .plugin import resolve_config_opts
-
         dataset = _dataset(upstream_args)
         own = EXPERIMENTS / f"{dataset}_{arm.fusion}.yaml"
         common = EXPERIMENTS / f"{dataset}_common.yaml"
@@ -74,7 +66,7 @@ class MMFComparison(Comparison):
         if not any(a.startswith(("dataset=", "datasets=")) for a in upstream_args):
             opts.append(f"dataset={dataset}")
         opts += [f"training.seed={seed}", f"env.save_dir={Path(run_dir) / 'save'}", *upstream_args]
-        return resolve_config_opts(opts)
+        return opts
 
     # -- in the worker ------------------------------------------------------------------------------------------
     def effective_config(self, upstream, argv) -> dict[str, Any]:
@@ -94,7 +86,7 @@ class MMFComparison(Comparison):
         return OmegaConf.to_container(config, resolve=True)
 
     def train(self, upstream, argv, run_dir, progress) -> RunOutcome:
-        from . import compat, register
+        from . import register
 
         register()
         from mmf.common.registry import registry
@@ -148,8 +140,7 @@ class MMFComparison(Comparison):
             "final": Selection(vals[-1]["metrics"], (tests["final"] or [None])[-1], at=f"update {vals[-1]['update']}",
                                criterion="the last update"),
         }
-        changes = [ANOMALY] if "trainer_detect_anomaly_from_config" in compat.applied else []
-        return RunOutcome(selections, changes, {"updates": vals[-1]["update"], "evaluations": len(vals)})
+        return RunOutcome(selections, [], {"updates": vals[-1]["update"], "evaluations": len(vals)})
 
 
 def _metrics(meter, split: str) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""``deqfusion compare NAME --seeds LIST --out DIR [...] -- <upstream arguments>``."""
+"""The arguments of ``deqfusion compare NAME --seeds LIST --out DIR [...] -- <upstream arguments>``
+(the command itself is in :mod:`deqfusion_core.cli`)."""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +7,9 @@ import re
 import shlex
 import sys
 
-from .study import StudyError, StudyOptions, run_study
+from .study import StudyOptions
 
-__all__ = ["add_parser", "cmd_compare", "parse_seeds"]
+__all__ = ["DESCRIPTION", "HELP", "USAGE", "add_arguments", "parse_seeds", "study_options"]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -26,47 +27,31 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from deqfusion_core import plugins
-
-    from .. import cli
-
-    found = cli.find_upstream("compare", args.name, args.upstream)
-    if found is None:
-        return 2
-    upstream = found[1]
-    try:
-        comparison = plugins.get_comparison(args.name)
-    except KeyError as exc:
-        print(f"deqfusion compare: {exc.args[0]}", file=sys.stderr)
-        return 2
-    arm_args = {}
+def study_options(args: argparse.Namespace, upstream_root: str | None, fusion_options: dict) -> StudyOptions:
+    """The study the parsed ``deqfusion compare`` command line asks for."""
+    arm_args: dict[str, list[str]] = {}
     for arm, text in args.arm_args or []:
         arm_args.setdefault(arm, []).extend(shlex.split(text))
-    opts = StudyOptions(seeds=args.seeds, out=args.out, smoke=args.smoke, fusion=args.fusion,
+    return StudyOptions(seeds=args.seeds, out=args.out, smoke=args.smoke, fusion=args.fusion,
                         baselines=[b for text in args.baseline or [] for b in _names(text)],
-                        upstream=str(upstream.root) if upstream.root else None, allow_diff=args.allow_diff or [],
-                        fusion_options=cli.fusion_options(args), upstream_args=list(args.upstream_args),
-                        arm_args=arm_args, threads=args.threads, study=args.study,
-                        command=shlex.join(["deqfusion", *getattr(args, "argv", sys.argv[1:])]))
-    try:
-        return run_study(comparison, opts)
-    except StudyError as exc:
-        print(f"deqfusion compare {args.name}: {exc}", file=sys.stderr)
-        return 2
+                        upstream=upstream_root, allow_diff=args.allow_diff or [], fusion_options=fusion_options,
+                        upstream_args=list(args.upstream_args), arm_args=arm_args, threads=args.threads,
+                        study=args.study, command=shlex.join(["deqfusion", *getattr(args, "argv", sys.argv[1:])]))
 
 
-def add_parser(subparsers, add_fusion_flags) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "compare", help="the paper's A/B: the upstream's own training once per arm and seed, only the fusion "
-                        "swapped; result files per ../shared/RESULTS.md",
-        usage="deqfusion compare NAME --seeds LIST --out DIR [--smoke] [--fusion deq] [--baseline FUSION] "
-              "[--upstream PATH] [--allow-diff KEY ...] [fusion options] -- <upstream arguments>",
-        description="Per seed, run the upstream's own training entry once per arm (baseline: the upstream's own "
-                    "fusion; deq), with identical data, split, seed, optimizer, schedule, clipping, widths and "
-                    "selection. The arms' effective configurations are compared first: a difference beyond the "
-                    "fusion stops the study (exit 2) unless named with --allow-diff. Writes DIR/runs.jsonl, "
-                    "DIR/summary.md, DIR/summary.json and DIR/paired.png; rerunning the same command resumes.")
+HELP = ("the paper's A/B: the upstream's own training once per arm and seed, only the fusion swapped; result "
+        "files per ../shared/RESULTS.md")
+USAGE = ("deqfusion compare NAME --seeds LIST --out DIR [--smoke] [--fusion deq] [--baseline FUSION] "
+         "[--upstream PATH] [--allow-diff KEY ...] [fusion options] -- <upstream arguments>")
+DESCRIPTION = ("Per seed, run the upstream's own training entry once per arm (baseline: the upstream's own fusion; "
+               "deq), with identical data, split, seed, optimizer, schedule, clipping, widths and selection. The arms' "
+               "effective configurations are compared first: a difference beyond the fusion stops the study (exit 2) "
+               "unless named with --allow-diff. Writes DIR/runs.jsonl, DIR/summary.md, DIR/summary.json and "
+               "DIR/paired.png; rerunning the same command resumes.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``deqfusion compare`` (the fusion flags are the CLI's, shared with ``run``)."""
     p.add_argument("name", help="integration name (see `deqfusion list`)")
     p.add_argument("--seeds", type=parse_seeds, required=True, help="e.g. 1,2 or 1-5")
     p.add_argument("--out", required=True, help="the study's folder (benchmarks/results/<study>/ for the README)")
@@ -82,6 +67,3 @@ def add_parser(subparsers, add_fusion_flags) -> argparse.ArgumentParser:
                    help="extra upstream arguments for one arm only (a shell-quoted string); the check applies")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run, both arms (default 1)")
     p.add_argument("--study", help="the study's name in the result files (default: the comparison's)")
-    add_fusion_flags(p)
-    p.set_defaults(func=cmd_compare)
-    return p

@@ -330,5 +330,6 @@ def _record(comparison, integration, study, opts, arm, seed, result, diffs, refe
             "differs_from_baseline": [] if arm == reference else [x.key for x in diffs[(arm.name, seed)]],
             "wall_s": result["wall_s"], "process_s": result.get("process_s"), "machine": result.get("machine"),
             "smoke": opts.smoke,
-            "behaviour_changes": result.get("behaviour_changes", []), "upstream": result.get("upstream"),
+            "behaviour_changes": result.get("behaviour_changes", []), "shims": result.get("shims", []),
+            "upstream": result.get("upstream"),
             "info": result.get("info", {}), "config_sha": sha}

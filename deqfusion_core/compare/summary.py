@@ -56,6 +56,7 @@ def summarize(records: Sequence[dict], *, study: str, integration: str, metric: 
         "arms": {}, "paired": [],
         "differences": differences or {}, "allowed_differences": list(allowed), "not_compared": not_compared or {},
         "behaviour_changes": list(dict.fromkeys(c for r in records for c in r.get("behaviour_changes") or [])),
+        "shims": list(dict.fromkeys(c for r in records for c in r.get("shims") or [])),
         "total_wall_s": round(sum(r.get("wall_s") or 0 for r in records), 1),
         "total_process_s": round(sum(r.get("process_s") or r.get("wall_s") or 0 for r in records), 1),
     }
@@ -187,6 +188,9 @@ def render_markdown(s: dict) -> str:
     if s["behaviour_changes"]:
         lines += ["Changes to the upstream's behaviour, applied to both arms:", ""] + \
                  [f"- {c}" for c in s["behaviour_changes"]]
+    if s.get("shims"):
+        lines += ["", "Compatibility shims applied (each only where the thing it fixes is missing or broken): " +
+                  ", ".join(f"`{x}`" for x in s["shims"]) + "."]
     if s["not_compared"]:
         lines += ["", "Not compared (where a run writes, or which file holds its settings):", ""] + \
                  [f"- `{k}`: {why}" for k, why in s["not_compared"].items()]

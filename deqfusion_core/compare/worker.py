@@ -69,9 +69,15 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         with SolverRecorder() as recorder:
             outcome = comparison.train(upstream, job["argv"], run_dir, progress)
+        from deqfusion_core import compat
+
+        shims = compat.applied()
+        changes = list(outcome.behaviour_changes) + [f"{s.upstream}: {s.name}: {s.reason}" for s in shims
+                                                     if s.behaviour_change]
         result = {"selections": {k: s.as_dict() for k, s in outcome.selections.items()},
                   "solver": recorder.summary(), "wall_s": round(time.perf_counter() - start, 1),
-                  "machine": machine(threads), "behaviour_changes": list(outcome.behaviour_changes),
+                  "machine": machine(threads), "behaviour_changes": list(dict.fromkeys(changes)),
+                  "shims": list(dict.fromkeys(f"{s.upstream}: {s.name}" for s in shims if not s.behaviour_change)),
                   "info": outcome.info, "config": config,
                   "upstream": None if upstream is None else
                   {"root": str(upstream.root) if upstream.root else None, "version": upstream.version}}
