@@ -5,6 +5,6 @@
 - ``study``: the runs of a study, checked, resumable, with progress; ``worker``: one run in its own process.
 - ``record``: the DEQ solver statistics of a run; ``statistics``, ``summary``, ``plot``: the result files.
 """
-from .spec import Arm, Comparison, RunOutcome, Selection
+from .spec import Arm, Comparison, RunOutcome, Selection, deq_settings
 
-__all__ = ["Arm", "Comparison", "RunOutcome", "Selection"]
+__all__ = ["Arm", "Comparison", "RunOutcome", "Selection", "deq_settings"]

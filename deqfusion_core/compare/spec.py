@@ -9,9 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["Arm", "Comparison", "RunOutcome", "Selection"]
+__all__ = ["Arm", "Comparison", "RunOutcome", "Selection", "deq_settings"]
+
+
+def deq_settings(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A DEQ fusion's whole recipe for an effective configuration: DEQFusion's defaults (its constructor's
+    keywords but the shapes) updated with ``options`` (which may add an integration's own, e.g. ``jac_weight``)."""
+    import inspect
+
+    from deqfusion_core import DEQFusion
+
+    defaults = {k: p.default for k, p in inspect.signature(DEQFusion.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty and k not in ("input_dims", "dim")}
+    return {**defaults, **dict(options)}
 
 
 @dataclass(frozen=True)
