@@ -11,7 +11,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["Arm", "Comparison", "RunOutcome", "Selection", "deq_settings"]
+__all__ = ["Arm", "Comparison", "RunOutcome", "Selection", "deq_settings", "deq_option_args", "split_deq_options",
+           "arg_value"]
+
+DEQ_OPTION = "--deq-option"   # KEY=VALUE: a fusion option of the fusion arm, carried in its argv
+
+
+def deq_option_args(options: Mapping[str, Any]) -> list[str]:
+    """``{"f_tol": 1e-4}`` -> ``["--deq-option", "f_tol=0.0001"]``: fusion options in a run's argv."""
+    return [x for k, v in options.items() for x in (DEQ_OPTION, f"{k}={v!r}")]
+
+
+def arg_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in a command line (``--flag VALUE`` or ``--flag=VALUE``; the last one), or None."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def split_deq_options(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """The fusion options :func:`deq_option_args` put in ``argv``, and the rest (the upstream's arguments)."""
+    from deqfusion_core.options import parse_fusion_option
+
+    options, rest, it = {}, [], iter(argv)
+    for arg in it:
+        if arg == DEQ_OPTION:
+            key, value = parse_fusion_option(next(it))
+            options[key] = value
+        else:
+            rest.append(arg)
+    return options, rest
 
 
 def deq_settings(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -95,6 +128,10 @@ class Comparison:
     # -- in the parent process (cheap: no upstream import) --------------------------------------------------------
     def study_name(self, upstream_args: Sequence[str]) -> str:
         return self.study
+
+    def headline(self, upstream_args: Sequence[str]) -> str:
+        """The headline metric for these upstream arguments (default: :attr:`metric`)."""
+        return self.metric
 
     def fusions(self) -> list[str] | None:
         """Fusion names this comparison can run, or None when only the upstream knows (checked by the worker)."""

@@ -178,6 +178,7 @@ def run_study(comparison: Comparison, opts: StudyOptions,
     (out / ".gitignore").write_text("work/\n")
     shared = (comparison.smoke_args(opts.upstream_args) if opts.smoke else []) + list(opts.upstream_args)
     study = opts.study or comparison.study_name(opts.upstream_args)
+    headline = comparison.headline(opts.upstream_args)
 
     # 1. every run's arguments and effective configuration; the arms may differ only in the fusion
     try:
@@ -286,7 +287,7 @@ def run_study(comparison: Comparison, opts: StudyOptions,
         records.append(record)
         eta.durations[arm.name].append(result["wall_s"])
         primary = selections_of(record)[record["selected_by"]]
-        shown = ", ".join(f"{sp} {comparison.metric} {(primary.get(sp) or {}).get(comparison.metric, float('nan')):.4f}"
+        shown = ", ".join(f"{sp} {headline} {(primary.get(sp) or {}).get(headline, float('nan')):.4f}"
                           for sp in ("val", "test") if primary.get(sp))
         conv = ""
         if record["solver"]:
@@ -297,7 +298,7 @@ def run_study(comparison: Comparison, opts: StudyOptions,
             f" | ETA study {duration(eta.remaining(i, arm, 0.0, 1.0) if i + 1 < len(todo) else 0.0)}")
 
     # 4. the summary of every planned run that is done
-    summary = summarize(records, study=study, integration=integration, metric=comparison.metric,
+    summary = summarize(records, study=study, integration=integration, metric=headline,
                         arms=[{"name": a.name, "fusion": a.fusion, "is_fusion": a.is_fusion} for a in arms],
                         seeds=opts.seeds,
                         differences={a.name: [x.as_dict(reference.name, a.name) for x in diffs[(a.name, opts.seeds[0])]]

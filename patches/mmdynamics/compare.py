@@ -9,16 +9,15 @@ and ``test`` (the same criterion on the test split: the authors' own selection, 
 """
 from __future__ import annotations
 
-import argparse
 import ast
 from pathlib import Path
 from typing import Any, Sequence
 
-from deqfusion_core.compare import Comparison, RunOutcome, Selection, deq_settings
+from deqfusion_core.compare import (Comparison, RunOutcome, Selection, arg_value, deq_option_args,
+                                    deq_settings, split_deq_options)
 
 __all__ = ["MMDynamicsComparison", "upstream_settings"]
 
-DEQ_OPTION = "--deq-option"     # KEY=VALUE: a DEQ option of the fusion arm (stripped before the launcher parses)
 SMOKE = ["--epochs", "3", "--eval-every", "1", "--hidden", "16"]
 
 
@@ -52,26 +51,8 @@ def upstream_settings(root: Path, dataset: str) -> dict[str, Any]:
     return out
 
 
-def _split(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    from deqfusion_core.options import parse_fusion_option
-
-    options, rest, it = {}, [], iter(argv)
-    for arg in it:
-        if arg == DEQ_OPTION:
-            key, value = parse_fusion_option(next(it))
-            options[key] = value
-        else:
-            rest.append(arg)
-    return options, rest
-
-
 def _data_folder(upstream_args: Sequence[str]) -> str | None:
-    for i, arg in enumerate(upstream_args):
-        if arg == "--data-folder" and i + 1 < len(upstream_args):
-            return upstream_args[i + 1]
-        if arg.startswith("--data-folder="):
-            return arg.split("=", 1)[1]
-    return None
+    return arg_value(list(upstream_args), "--data-folder")
 
 
 def _metrics(scores: dict | None) -> dict[str, float] | None:
@@ -105,8 +86,7 @@ class MMDynamicsComparison(Comparison):
     def argv(self, arm, seed, fusion_options, upstream_args, run_dir):
         if _data_folder(upstream_args) is None:
             raise ValueError("-- --data-folder: required (a MOGONET-layout folder, e.g. ../shared/data/rosmap)")
-        options = [x for k, v in fusion_options.items() for x in (DEQ_OPTION, f"{k}={v!r}")]
-        return [*options, "--fusion", arm.fusion, "--protocol", "fair", "--seed", str(seed),
+        return [*deq_option_args(fusion_options), "--fusion", arm.fusion, "--protocol", "fair", "--seed", str(seed),
                 "--modelpath", str(Path(run_dir) / "model"), *upstream_args]
 
     # -- in the worker ------------------------------------------------------------------------------------------
@@ -115,7 +95,7 @@ class MMDynamicsComparison(Comparison):
 
         from . import protocol
 
-        options, launcher = _split(argv)
+        options, launcher = split_deq_options(argv)
         integ = plugins.get_integration(self.integration)
         return integ, integ.fusion_options(options), protocol.parse_args(launcher), launcher
 
