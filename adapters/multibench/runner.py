@@ -14,8 +14,6 @@ validation (its own rule: best accuracy, or best macro-F1 for MM-IMDB). Uses the
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import re
 import sys
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 
 from deqfusion_compat.multibench import load_model
+from deqfusion_core.compare.tap import tap_stdout
 from deqfusion_core.options import FusionOptions, parse_fusion_option
 
 from . import mmimdb, mogonet
@@ -109,30 +108,22 @@ def settings(args: argparse.Namespace, fusion_options=None) -> dict[str, Any]:
 EPOCH = re.compile(r"Epoch (\d+) valid loss: \S+ (?:acc: (\S+)|f1_micro: (\S+) f1_macro: (\S+))")
 
 
-class _Epochs(io.TextIOBase):
-    """Passes MultiBench's prints through and reads its per-epoch validation lines."""
+class _Epochs:
+    """Reads MultiBench's per-epoch validation lines (and which epoch it saved as the best)."""
 
-    def __init__(self, out, on_epoch):
-        self.out, self.on_epoch, self.epochs, self.best, self.buffer = out, on_epoch, 0, None, ""
+    def __init__(self, on_epoch):
+        self.on_epoch, self.epochs, self.best = on_epoch, 0, None
 
-    def write(self, text):
-        self.out.write(text)
-        self.buffer += text
-        *lines, self.buffer = self.buffer.split("\n")
-        for line in lines:
-            m = EPOCH.search(line)
-            if m:
-                self.epochs = int(m.group(1)) + 1
-                metric = {"valid accuracy": float(m.group(2))} if m.group(2) else \
-                    {"valid f1_micro": float(m.group(3)), "valid f1_macro": float(m.group(4))}
-                if self.on_epoch:
-                    self.on_epoch(self.epochs, metric)
-            elif line.strip() == "Saving Best":
-                self.best = self.epochs - 1
-        return len(text)
-
-    def flush(self):
-        self.out.flush()
+    def __call__(self, line):
+        m = EPOCH.search(line)
+        if m:
+            self.epochs = int(m.group(1)) + 1
+            metric = {"valid accuracy": float(m.group(2))} if m.group(2) else \
+                {"valid f1_micro": float(m.group(3)), "valid f1_macro": float(m.group(4))}
+            if self.on_epoch:
+                self.on_epoch(self.epochs, metric)
+        elif line.strip() == "Saving Best":
+            self.best = self.epochs - 1
 
 
 def run(args: argparse.Namespace, root=None, fusion_options=None,
@@ -163,8 +154,8 @@ def run(args: argparse.Namespace, root=None, fusion_options=None,
     if args.fusion == "deq":
         kwargs.update(deq_train_kwargs(fuse, criterion, jac_weight=fusion["jac_weight"], fusion_lr=fusion["fusion_lr"],
                                        optimizer=optimizer, clip_val=train["clip_val"]))
-    epochs = _Epochs(sys.stdout, on_epoch)
-    with contextlib.redirect_stdout(epochs):
+    epochs = _Epochs(on_epoch)
+    with tap_stdout(epochs):
         supervised.train(list(encoders), fuse, head, loaders[0], loaders[1], train["epochs"], **kwargs)
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")  # where MultiBench's test runs
     model = load_model(args.save, map_location=device)
