@@ -23,16 +23,6 @@ OVERALL = re.compile(r"Overall Accuracy is: ([\d.]+)")
 PER_TYPE = re.compile(r"^(yes/no|number|other) : ([\d.]+)$")
 
 
-def _plain(value):
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return repr(value)
-
-
 class McanComparison(Comparison):
     integration = "mcan"
     study = "vqa2_mcan"
@@ -89,7 +79,7 @@ class McanComparison(Comparison):
             with open(root / "cfgs" / f"{args.MODEL}_model.yml") as f:
                 cfg.add_args({**yaml.safe_load(f), **args_dict})
             cfg.proc()
-            built.update({k: _plain(v) for k, v in vars(cfg).items()})
+            built.update(vars(cfg))      # flattened to plain values by the worker
 
         with prepend_sys_path(root):
             run_main(build, rest, prog=str(root / "run.py"), cwd=root)
