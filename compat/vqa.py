@@ -238,3 +238,51 @@ def rewrite_utils(root):
 def rewrite_engine(root):
     with prepend_sys_path(root):
         load_rewritten("vqa.lib.engine", root / "vqa" / "lib" / "engine.py", ENGINE_REWRITES)
+
+
+def bootstrap_accuracy_fails() -> bool:
+    import torch
+    from bootstrap.models.metrics import accuracy as metrics
+
+    try:
+        metrics.accuracy(torch.rand(3, 5), torch.tensor([0, 1, 2]), topk=(1, 2))
+        return False
+    except RuntimeError:
+        return True
+
+
+@shim("block", "bootstrap 0.0.13's models/metrics/accuracy.py views a non-contiguous tensor (block's VQA accuracy "
+      "calls it every batch): load it with .view -> .reshape (in memory)", needed=bootstrap_accuracy_fails,
+      undo=lambda: unload_rewritten("bootstrap.models.metrics.accuracy"), name="bootstrap.models.metrics.accuracy")
+def rewrite_bootstrap_accuracy():
+    from bootstrap.models.metrics import accuracy as metrics
+
+    load_rewritten("bootstrap.models.metrics.accuracy", Path(metrics.__file__), UTILS_REWRITES)
+
+
+def _norm_is_a_tensor() -> bool:
+    import torch
+
+    return torch.is_tensor(torch.nn.utils.clip_grad_norm_([torch.zeros(1, requires_grad=True)], 1.0))
+
+
+def _logger_class():
+    from bootstrap.lib.logger import Logger
+
+    return Logger
+
+
+@shim("block", "block's optimizer logs clip_grad_norm_'s result, a tensor since torch 0.4 (a float before): "
+      "bootstrap's Logger cannot write logs.json (it prints the error and goes on); log_value stores one-element "
+      "tensors as numbers", needed=_norm_is_a_tensor, undo=lambda: restore(_logger_class(), "log_value"),
+      name="bootstrap.Logger.log_value(tensor)")
+def log_tensors_as_numbers():
+    logger = _logger_class()
+    log_value = logger.log_value
+
+    def log_value_as_number(self, name, value, *args, **kwargs):
+        if hasattr(value, "numel") and value.numel() == 1:
+            value = value.item()
+        return log_value(self, name, value, *args, **kwargs)
+
+    swap(logger, "log_value", log_value_as_number)

@@ -191,3 +191,31 @@ def test_yaml_shim_is_conditional():
     plugin.INTEGRATION.apply(None, {})
     assert not common.yaml_load.needed()                   # applied (or never needed): no second wrap
     assert pyyaml.load("a: [1, 2]") == {"a": [1, 2]}       # 2018-era call without Loader works
+
+
+def test_bootstrap_shims_apply_only_where_broken():
+    """bootstrap 0.0.13 on today's torch: its accuracy views a non-contiguous tensor, and block logs clip_grad_norm_'s
+    tensor where bootstrap's Logger writes JSON. Each shim's condition is that breakage, and it undoes."""
+    from deqfusion_compat import vqa
+    from deqfusion_core import compat
+
+    names = ["bootstrap.models.metrics.accuracy", "bootstrap.Logger.log_value(tensor)"]
+    compat.undo_shims("block", names)                   # in case another test left the integration applied
+    shims = {s.name: s for s in compat.shims("block")}
+    assert shims[names[0]].needed is vqa.bootstrap_accuracy_fails and shims[names[1]].needed is vqa._norm_is_a_tensor
+    assert vqa.bootstrap_accuracy_fails() and vqa._norm_is_a_tensor()           # broken on this stack
+    try:
+        assert compat.apply_shims("block", only=names) == names
+        from bootstrap.lib.logger import Logger
+        from bootstrap.models.metrics import accuracy as metrics
+
+        assert not vqa.bootstrap_accuracy_fails()       # fixed: its condition no longer holds
+        top1, _ = metrics.accuracy(torch.eye(3, 5), torch.tensor([0, 1, 4]), topk=(1, 2))
+        assert float(top1) == pytest.approx(200 / 3)
+        logger = Logger.__new__(Logger)
+        logger.values = {}
+        logger.log_value("train_batch.norm", torch.tensor(2.5))
+        assert logger.values["train_batch.norm"] == [2.5] and type(logger.values["train_batch.norm"][0]) is float
+    finally:
+        compat.undo_shims("block", names)
+    assert vqa.bootstrap_accuracy_fails()               # undone
