@@ -213,16 +213,21 @@ def compiles(path: Path) -> bool:
         return False
 
 
-def accuracy_fails(root) -> bool:
+def _views_fail(accuracy) -> bool:
+    """Whether the top-k ``accuracy`` of 2017-era code fails on today's torch (``.view`` of a non-contiguous slice)."""
     import torch
 
-    with prepend_sys_path(root):
-        import vqa.lib.utils as utils     # before the engine, which imports it
     try:
-        utils.accuracy(torch.rand(3, 5), torch.tensor([0, 1, 2]), topk=(1, 2))
+        accuracy(torch.rand(3, 5), torch.tensor([0, 1, 2]), topk=(1, 2))
         return False
     except RuntimeError:
         return True
+
+
+def accuracy_fails(root) -> bool:
+    with prepend_sys_path(root):
+        import vqa.lib.utils as utils     # before the engine, which imports it
+    return _views_fail(utils.accuracy)
 
 
 @shim("mutan", "vqa/lib/utils.py's accuracy views a non-contiguous tensor: load it with .view -> .reshape "
@@ -241,14 +246,9 @@ def rewrite_engine(root):
 
 
 def bootstrap_accuracy_fails() -> bool:
-    import torch
     from bootstrap.models.metrics import accuracy as metrics
 
-    try:
-        metrics.accuracy(torch.rand(3, 5), torch.tensor([0, 1, 2]), topk=(1, 2))
-        return False
-    except RuntimeError:
-        return True
+    return _views_fail(metrics.accuracy)
 
 
 @shim("block", "bootstrap 0.0.13's models/metrics/accuracy.py views a non-contiguous tensor (block's VQA accuracy "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,6 +17,8 @@ yaml = pytest.importorskip("yaml")
 
 from deqfusion_compat import common  # noqa: E402
 from deqfusion_patches.block import plugin  # noqa: E402
+
+import vqa_data  # noqa: E402
 
 WORDS = ["what", "color", "is", "the", "cat", "how", "many", "dogs"]
 ANSWERS = ["red", "blue", "two", "three", "yes"]
@@ -28,17 +29,7 @@ JAC_WEIGHT = 0.5
 @pytest.fixture(scope="module")
 def skipthoughts_dir(tmp_path_factory):
     """Random skip-thoughts files with the real shapes (float16 keeps them ~40 MB)."""
-    d = tmp_path_factory.mktemp("skipthoughts")
-    (d / "dictionary.txt").write_text("\n".join(["UNK", *WORDS[:-1]]) + "\n")   # one word falls back to UNK
-    rng = np.random.default_rng(0)
-
-    def rand(*shape):
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
-
-    np.save(d / "utable.npy", rand(len(WORDS), 620))
-    np.savez(d / "uni_skip.npz", encoder_W=rand(620, 4800), encoder_b=rand(4800), encoder_U=rand(2400, 4800),
-             encoder_Wx=rand(620, 2400), encoder_bx=rand(2400), encoder_Ux=rand(2400, 2400))
-    return d
+    return vqa_data.write_skipthoughts(tmp_path_factory.mktemp("skipthoughts"), WORDS)
 
 
 @pytest.fixture
