@@ -152,19 +152,23 @@ def cuda_synchronize():
     torch.cuda.synchronize = synchronize
 
 
-@shim("mutan", "vqa/models/utils.py imports torchvision.models without using it; a torchvision built for another "
-      "torch fails to import: a stand-in module (unless another shim's stand-in is there)",
+@shim("mutan", "vqa/models/utils.py imports torchvision.models without using it, and vqa/datasets/coco.py imports "
+      "torchvision.transforms for image input only (train.py imports both); a torchvision built for another torch "
+      "fails to import: stand-in modules (unless another shim's stand-in is there)",
       needed=lambda: not isinstance(sys.modules.get("torchvision.models"), common.Unavailable)
       and common.import_error("torchvision.models") is not None, name="torchvision")
 def torchvision_stand_in():
     reason = common.import_error("torchvision.models")
     common.purge("torchvision")
-    common.stand_in(["torchvision", "torchvision.models"], reason, "nothing (an unused import)")
+    common.stand_in(["torchvision", "torchvision.models", "torchvision.transforms"], reason,
+                    "nothing with extracted features (models: an unused import; transforms: image input)")
 
 
 # (old, new) source rewrites: Python 2 / torch 0.3 idioms -> today's
 ENGINE_REWRITES = [("async=True", "non_blocking=True"), ("loss.data[0]", "loss.item()"),
-                   ("acc1[0]", "acc1.item()"), ("acc5[0]", "acc5.item()")]   # 0-dim tensors today
+                   ("acc1[0]", "acc1.item()"), ("acc5[0]", "acc5.item()"),    # 0-dim tensors today
+                   ("'question_id': sample['question_id'][j]",             # an int in torch 0.3, a tensor today:
+                    "'question_id': int(sample['question_id'][j])")]        # the results JSON needs the int
 UTILS_REWRITES = [("correct[:k].view(-1)", "correct[:k].reshape(-1)")]
 
 
@@ -237,7 +241,7 @@ def rewrite_utils(root):
 
 
 @shim("mutan", "vqa/lib/engine.py does not compile today (.cuda(async=True), loss.data[0]): load it from its source "
-      "with async= -> non_blocking=, [0] -> .item() (in memory)",
+      "with async= -> non_blocking=, [0] -> .item(), question ids as ints (in memory)",
       needed=lambda root: not compiles(root / "vqa" / "lib" / "engine.py"),
       undo=lambda: unload_rewritten("vqa.lib.engine"), name="vqa.lib.engine")
 def rewrite_engine(root):
@@ -286,3 +290,26 @@ def log_tensors_as_numbers():
         return log_value(self, name, value, *args, **kwargs)
 
     swap(logger, "log_value", log_value_as_number)
+
+
+def _pinning_fails() -> bool:
+    import torch
+
+    try:
+        torch.zeros(1).pin_memory()
+        return False
+    except RuntimeError:
+        return True
+
+
+def _dataloader_module(root):
+    with prepend_sys_path(root):
+        import vqa.lib.dataloader as dataloader
+    return dataloader
+
+
+@shim("mutan", "vqa/lib/dataloader.py pins every batch (its data_loader passes pin_memory=True); without an "
+      "accelerator today's torch refuses to pin: batches stay in ordinary memory", needed=_pinning_fails,
+      undo=lambda root: restore(_dataloader_module(root), "pin_memory_batch"), name="vqa.lib.dataloader.pin_memory")
+def unpinned_batches(root):
+    swap(_dataloader_module(root), "pin_memory_batch", lambda batch: batch)

@@ -36,7 +36,8 @@ def study_options(args: argparse.Namespace, upstream_root: str | None, fusion_op
                         baselines=[b for text in args.baseline or [] for b in _names(text)],
                         upstream=upstream_root, allow_diff=args.allow_diff or [], fusion_options=fusion_options,
                         upstream_args=list(args.upstream_args), arm_args=arm_args, threads=args.threads,
-                        study=args.study, command=shlex.join(["deqfusion", *getattr(args, "argv", sys.argv[1:])]))
+                        study=args.study, command=shlex.join(["deqfusion", *getattr(args, "argv", sys.argv[1:])]),
+                        dry_run=args.dry_run)
 
 
 HELP = ("the paper's A/B: the upstream's own training once per arm and seed, only the fusion swapped; result "
@@ -67,3 +68,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra upstream arguments for one arm only (a shell-quoted string); the check applies")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run, both arms (default 1)")
     p.add_argument("--study", help="the study's name in the result files (default: the comparison's)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="compute and check the arms' configurations, show each arm's upstream arguments; train nothing")

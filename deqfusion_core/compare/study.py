@@ -44,6 +44,7 @@ class StudyOptions:
     threads: int = 1
     study: str | None = None
     command: str = ""
+    dry_run: bool = False        # check the configurations and say what would run; train nothing
 
 
 def plan_arms(comparison: Comparison, fusion: str | None, baselines: list[str]) -> list[Arm]:
@@ -236,6 +237,12 @@ def run_study(comparison: Comparison, opts: StudyOptions,
     say("configurations checked; the arms differ only in: " +
         "; ".join(f"{role} ({len(keys)} key{'s' * (len(keys) > 1)})" for role, keys in roles.items()) +
         f". {total} runs, {total - len(todo)} already done in {runs_file}")
+
+    if opts.dry_run:
+        for a in arms:
+            say(f"{a.name} ({a.fusion}), seed {opts.seeds[0]}: upstream arguments {argvs[(a.name, opts.seeds[0])]}")
+        say(f"dry run: {len(todo)} of {total} runs would train; nothing was written to {runs_file}")
+        return 0
 
     # 3. the runs
     commit = project_commit()
