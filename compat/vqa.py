@@ -152,19 +152,23 @@ def cuda_synchronize():
     torch.cuda.synchronize = synchronize
 
 
-@shim("mutan", "vqa/models/utils.py imports torchvision.models without using it; a torchvision built for another "
-      "torch fails to import: a stand-in module (unless another shim's stand-in is there)",
+@shim("mutan", "vqa/models/utils.py imports torchvision.models without using it, and vqa/datasets/coco.py imports "
+      "torchvision.transforms for image input only (train.py imports both); a torchvision built for another torch "
+      "fails to import: stand-in modules (unless another shim's stand-in is there)",
       needed=lambda: not isinstance(sys.modules.get("torchvision.models"), common.Unavailable)
       and common.import_error("torchvision.models") is not None, name="torchvision")
 def torchvision_stand_in():
     reason = common.import_error("torchvision.models")
     common.purge("torchvision")
-    common.stand_in(["torchvision", "torchvision.models"], reason, "nothing (an unused import)")
+    common.stand_in(["torchvision", "torchvision.models", "torchvision.transforms"], reason,
+                    "nothing with extracted features (models: an unused import; transforms: image input)")
 
 
 # (old, new) source rewrites: Python 2 / torch 0.3 idioms -> today's
 ENGINE_REWRITES = [("async=True", "non_blocking=True"), ("loss.data[0]", "loss.item()"),
-                   ("acc1[0]", "acc1.item()"), ("acc5[0]", "acc5.item()")]   # 0-dim tensors today
+                   ("acc1[0]", "acc1.item()"), ("acc5[0]", "acc5.item()"),    # 0-dim tensors today
+                   ("'question_id': sample['question_id'][j]",             # an int in torch 0.3, a tensor today:
+                    "'question_id': int(sample['question_id'][j])")]        # the results JSON needs the int
 UTILS_REWRITES = [("correct[:k].view(-1)", "correct[:k].reshape(-1)")]
 
 
@@ -213,16 +217,21 @@ def compiles(path: Path) -> bool:
         return False
 
 
-def accuracy_fails(root) -> bool:
+def _views_fail(accuracy) -> bool:
+    """Whether the top-k ``accuracy`` of 2017-era code fails on today's torch (``.view`` of a non-contiguous slice)."""
     import torch
 
-    with prepend_sys_path(root):
-        import vqa.lib.utils as utils     # before the engine, which imports it
     try:
-        utils.accuracy(torch.rand(3, 5), torch.tensor([0, 1, 2]), topk=(1, 2))
+        accuracy(torch.rand(3, 5), torch.tensor([0, 1, 2]), topk=(1, 2))
         return False
     except RuntimeError:
         return True
+
+
+def accuracy_fails(root) -> bool:
+    with prepend_sys_path(root):
+        import vqa.lib.utils as utils     # before the engine, which imports it
+    return _views_fail(utils.accuracy)
 
 
 @shim("mutan", "vqa/lib/utils.py's accuracy views a non-contiguous tensor: load it with .view -> .reshape "
@@ -232,9 +241,75 @@ def rewrite_utils(root):
 
 
 @shim("mutan", "vqa/lib/engine.py does not compile today (.cuda(async=True), loss.data[0]): load it from its source "
-      "with async= -> non_blocking=, [0] -> .item() (in memory)",
+      "with async= -> non_blocking=, [0] -> .item(), question ids as ints (in memory)",
       needed=lambda root: not compiles(root / "vqa" / "lib" / "engine.py"),
       undo=lambda: unload_rewritten("vqa.lib.engine"), name="vqa.lib.engine")
 def rewrite_engine(root):
     with prepend_sys_path(root):
         load_rewritten("vqa.lib.engine", root / "vqa" / "lib" / "engine.py", ENGINE_REWRITES)
+
+
+def bootstrap_accuracy_fails() -> bool:
+    from bootstrap.models.metrics import accuracy as metrics
+
+    return _views_fail(metrics.accuracy)
+
+
+@shim("block", "bootstrap 0.0.13's models/metrics/accuracy.py views a non-contiguous tensor (block's VQA accuracy "
+      "calls it every batch): load it with .view -> .reshape (in memory)", needed=bootstrap_accuracy_fails,
+      undo=lambda: unload_rewritten("bootstrap.models.metrics.accuracy"), name="bootstrap.models.metrics.accuracy")
+def rewrite_bootstrap_accuracy():
+    from bootstrap.models.metrics import accuracy as metrics
+
+    load_rewritten("bootstrap.models.metrics.accuracy", Path(metrics.__file__), UTILS_REWRITES)
+
+
+def _norm_is_a_tensor() -> bool:
+    import torch
+
+    return torch.is_tensor(torch.nn.utils.clip_grad_norm_([torch.zeros(1, requires_grad=True)], 1.0))
+
+
+def _logger_class():
+    from bootstrap.lib.logger import Logger
+
+    return Logger
+
+
+@shim("block", "block's optimizer logs clip_grad_norm_'s result, a tensor since torch 0.4 (a float before): "
+      "bootstrap's Logger cannot write logs.json (it prints the error and goes on); log_value stores one-element "
+      "tensors as numbers", needed=_norm_is_a_tensor, undo=lambda: restore(_logger_class(), "log_value"),
+      name="bootstrap.Logger.log_value(tensor)")
+def log_tensors_as_numbers():
+    logger = _logger_class()
+    log_value = logger.log_value
+
+    def log_value_as_number(self, name, value, *args, **kwargs):
+        if hasattr(value, "numel") and value.numel() == 1:
+            value = value.item()
+        return log_value(self, name, value, *args, **kwargs)
+
+    swap(logger, "log_value", log_value_as_number)
+
+
+def _pinning_fails() -> bool:
+    import torch
+
+    try:
+        torch.zeros(1).pin_memory()
+        return False
+    except RuntimeError:
+        return True
+
+
+def _dataloader_module(root):
+    with prepend_sys_path(root):
+        import vqa.lib.dataloader as dataloader
+    return dataloader
+
+
+@shim("mutan", "vqa/lib/dataloader.py pins every batch (its data_loader passes pin_memory=True); without an "
+      "accelerator today's torch refuses to pin: batches stay in ordinary memory", needed=_pinning_fails,
+      undo=lambda root: restore(_dataloader_module(root), "pin_memory_batch"), name="vqa.lib.dataloader.pin_memory")
+def unpinned_batches(root):
+    swap(_dataloader_module(root), "pin_memory_batch", lambda batch: batch)

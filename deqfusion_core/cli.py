@@ -77,16 +77,25 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def find_upstream(command: str, name: str, path: str | None):
+    """``(integration, upstream)``, or None after saying on stderr why not (the caller exits with 2)."""
     try:
-        integ = plugins.get_integration(args.name)
+        integ = plugins.get_integration(name)
     except KeyError as exc:
-        print(f"deqfusion run: {exc.args[0]}", file=sys.stderr)
-        return 2
-    up = integ.locate(args.upstream)
+        print(f"deqfusion {command}: {exc.args[0]}", file=sys.stderr)
+        return None
+    up = integ.locate(path)
     if not up.found:
-        print(f"deqfusion run {args.name}: upstream not found: {up.reason}", file=sys.stderr)
+        print(f"deqfusion {command} {name}: upstream not found: {up.reason}", file=sys.stderr)
+        return None
+    return integ, up
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    found = find_upstream("run", args.name, args.upstream)
+    if found is None:
         return 2
+    integ, up = found
     try:
         integ.apply(up, fusion_options(args))
     except OptionError as exc:
@@ -99,6 +108,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"deqfusion run {args.name}: shims applied: " + (", ".join(s.name for s in shims) or "none"),
               file=sys.stderr)
     return integ.launch(up, list(args.upstream_args))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare.command import study_options
+    from .compare.study import StudyError, run_study
+
+    found = find_upstream("compare", args.name, args.upstream)
+    if found is None:
+        return 2
+    try:
+        comparison = plugins.get_comparison(args.name)
+    except KeyError as exc:
+        print(f"deqfusion compare: {exc.args[0]}", file=sys.stderr)
+        return 2
+    integ, up = found
+    try:
+        options = fusion_options(args)
+        integ.fusion_options(options)     # checked now: they reach the fusion arm only when it trains
+        return run_study(comparison, study_options(args, str(up.root) if up.root else None, options))
+    except OptionError as exc:
+        print(f"deqfusion compare {args.name}: {exc}", file=sys.stderr)
+        return 2
+    except StudyError as exc:
+        print(f"deqfusion compare {args.name}: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -160,18 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_bench)
 
+    from .compare import command as compare
+
+    p = sub.add_parser("compare", help=compare.HELP, usage=compare.USAGE, description=compare.DESCRIPTION)
+    compare.add_arguments(p)
+    add_fusion_flags(p)
+    p.set_defaults(func=cmd_compare)
+
     plugins.get_plugin_manager().hook.deqfusion_add_commands(subparsers=sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    given = list(argv)
     upstream_args: list[str] = []
     if "--" in argv:  # everything after the first `--` belongs to the upstream script, untouched
         cut = argv.index("--")
         argv, upstream_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     args.upstream_args = upstream_args
+    args.argv = given   # the command as typed (result files record it)
     return int(args.func(args) or 0)
 
 

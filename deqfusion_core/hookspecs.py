@@ -30,3 +30,9 @@ def deqfusion_add_commands(subparsers):
 
     A command sets ``func=callable(args) -> int`` with ``parser.set_defaults``.
     """
+
+
+@hookspec
+def deqfusion_comparison():
+    """Return the :class:`deqfusion_core.compare.Comparison` that runs this integration's upstream for
+    ``deqfusion compare NAME`` (its ``integration`` attribute is NAME). Optional."""

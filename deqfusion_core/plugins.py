@@ -16,7 +16,8 @@ from . import hookspecs
 if TYPE_CHECKING:
     from .integration import Integration
 
-__all__ = ["LoadError", "Registry", "get_plugin_manager", "load_errors", "integrations", "get_integration"]
+__all__ = ["LoadError", "Registry", "get_plugin_manager", "load_errors", "integrations", "get_integration",
+           "get_comparison"]
 
 
 @dataclass
@@ -95,3 +96,12 @@ def get_integration(name: str) -> "Integration":
             raise KeyError(f"integration {name!r} failed to load: {broken[name]}")
         raise KeyError(f"unknown integration {name!r}; installed: {known}")
     return reg.integrations[name]
+
+
+def get_comparison(name: str):
+    """The :class:`deqfusion_core.compare.Comparison` of integration ``name`` (``deqfusion compare NAME``)."""
+    found = [c for c in get_plugin_manager().hook.deqfusion_comparison() if c is not None and c.integration == name]
+    if not found:
+        get_integration(name)  # an unknown or broken integration says so first
+        raise KeyError(f"integration {name!r} has no comparison for `deqfusion compare` yet")
+    return found[0]

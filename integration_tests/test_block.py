@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,6 +17,8 @@ yaml = pytest.importorskip("yaml")
 
 from deqfusion_compat import common  # noqa: E402
 from deqfusion_patches.block import plugin  # noqa: E402
+
+import vqa_data  # noqa: E402
 
 WORDS = ["what", "color", "is", "the", "cat", "how", "many", "dogs"]
 ANSWERS = ["red", "blue", "two", "three", "yes"]
@@ -28,17 +29,7 @@ JAC_WEIGHT = 0.5
 @pytest.fixture(scope="module")
 def skipthoughts_dir(tmp_path_factory):
     """Random skip-thoughts files with the real shapes (float16 keeps them ~40 MB)."""
-    d = tmp_path_factory.mktemp("skipthoughts")
-    (d / "dictionary.txt").write_text("\n".join(["UNK", *WORDS[:-1]]) + "\n")   # one word falls back to UNK
-    rng = np.random.default_rng(0)
-
-    def rand(*shape):
-        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
-
-    np.save(d / "utable.npy", rand(len(WORDS), 620))
-    np.savez(d / "uni_skip.npz", encoder_W=rand(620, 4800), encoder_b=rand(4800), encoder_U=rand(2400, 4800),
-             encoder_Wx=rand(620, 2400), encoder_bx=rand(2400), encoder_Ux=rand(2400, 2400))
-    return d
+    return vqa_data.write_skipthoughts(tmp_path_factory.mktemp("skipthoughts"), WORDS)
 
 
 @pytest.fixture
@@ -191,3 +182,31 @@ def test_yaml_shim_is_conditional():
     plugin.INTEGRATION.apply(None, {})
     assert not common.yaml_load.needed()                   # applied (or never needed): no second wrap
     assert pyyaml.load("a: [1, 2]") == {"a": [1, 2]}       # 2018-era call without Loader works
+
+
+def test_bootstrap_shims_apply_only_where_broken():
+    """bootstrap 0.0.13 on today's torch: its accuracy views a non-contiguous tensor, and block logs clip_grad_norm_'s
+    tensor where bootstrap's Logger writes JSON. Each shim's condition is that breakage, and it undoes."""
+    from deqfusion_compat import vqa
+    from deqfusion_core import compat
+
+    names = ["bootstrap.models.metrics.accuracy", "bootstrap.Logger.log_value(tensor)"]
+    compat.undo_shims("block", names)                   # in case another test left the integration applied
+    shims = {s.name: s for s in compat.shims("block")}
+    assert shims[names[0]].needed is vqa.bootstrap_accuracy_fails and shims[names[1]].needed is vqa._norm_is_a_tensor
+    assert vqa.bootstrap_accuracy_fails() and vqa._norm_is_a_tensor()           # broken on this stack
+    try:
+        assert compat.apply_shims("block", only=names) == names
+        from bootstrap.lib.logger import Logger
+        from bootstrap.models.metrics import accuracy as metrics
+
+        assert not vqa.bootstrap_accuracy_fails()       # fixed: its condition no longer holds
+        top1, _ = metrics.accuracy(torch.eye(3, 5), torch.tensor([0, 1, 4]), topk=(1, 2))
+        assert float(top1) == pytest.approx(200 / 3)
+        logger = Logger.__new__(Logger)
+        logger.values = {}
+        logger.log_value("train_batch.norm", torch.tensor(2.5))
+        assert logger.values["train_batch.norm"] == [2.5] and type(logger.values["train_batch.norm"][0]) is float
+    finally:
+        compat.undo_shims("block", names)
+    assert vqa.bootstrap_accuracy_fails()               # undone

@@ -150,3 +150,26 @@ def test_baseline_arm_and_remove(cmbert, workspace):
         assert integ.modules["model"].BertModel.__module__ == "deqfusion_compat.cmbert"
     finally:
         integ.apply(upstream, options(workspace))
+
+
+def test_compare_cmbert_smoke(workspace, tmp_path):
+    """`deqfusion compare cmbert --smoke`: the upstream's addition and DEQ, run_classifier's own selection on dev
+    loss, the arms differing only in the fusion."""
+    import subprocess
+
+    out = tmp_path / "study"
+    proc = subprocess.run([str(Path(sys.executable).parent / "deqfusion"), "compare", "cmbert", "--seeds", "3",
+                           "--smoke", "--upstream", ROOT, "--f-max-iter", "6", "--b-max-iter", "6", "--out", str(out),
+                           "--", "--data_dir", str(workspace["text"]), "--bert_model", str(workspace["bert"]),
+                           "--audio", str(workspace["tmp"] / "audio.pickle")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {r["arm"]: r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())}
+    assert runs["baseline"]["fusion"] == "add" and runs["baseline"]["solver"] is None
+    diff = runs["deq"]["differs_from_baseline"]
+    assert "fusion.type" in diff and all(k.startswith("fusion.") for k in diff), diff
+    assert runs["deq"]["solver"]["max_iter"] == 6
+    for r in runs.values():
+        assert set(r["test"]) >= {"acc", "F1", "mae", "corr", "acc7"} and "loss" in r["val"]
+        assert any("np.random.randint" in c for c in r["behaviour_changes"])
+        assert any("BertModel->transformers" in c for c in r["behaviour_changes"])

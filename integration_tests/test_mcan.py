@@ -193,3 +193,23 @@ def test_read_glove_keeps_named_words_and_reports_a_missing_file(tmp_path):
 def test_missing_checkout_is_reported():
     up = plugin.INTEGRATION.locate("/nonexistent/mcan")
     assert not up.found and "not a directory" in up.reason
+
+
+def test_compare_mcan_smoke(tmp_path, checkout):
+    """`deqfusion compare mcan --smoke`: run.py once per arm (the upstream's sum via baseline=True, and DEQ), its
+    Cfgs compared key by key, VQA val accuracy after the epoch."""
+    data, feats, glove = make_dataset(tmp_path / "data")
+    out = tmp_path / "study"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([str(Path(sys.executable).parent / "deqfusion"), "compare", "mcan", "--seeds", "1", "--smoke",
+                           "--upstream", str(checkout), "--f-max-iter", "8", "--out", str(out), "--",
+                           "--MODEL=small", f"--DATA_PATH={data}/", f"--FEAT_PATH={feats}/", "--GPU=0",
+                           "--glove", str(glove)], capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {r["arm"]: r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())}
+    assert runs["baseline"]["fusion"] == "sum" and runs["baseline"]["solver"] is None
+    diff = runs["deq"]["differs_from_baseline"]
+    assert "fusion.type" in diff and all(k.startswith("fusion.") for k in diff), diff
+    for r in runs.values():
+        assert r["selected_by"] == "final" and 0 <= r["val"]["accuracy"] <= 1 and r["test"] is None
+    assert runs["deq"]["solver"]["max_iter"] == 8

@@ -52,9 +52,13 @@ def test_training_loop_fair_protocol_with_deq(mmd, tmp_path, capsys):
     assert n_val == 49 and n_tr == 106 and set(run.labels_val) == {0, 1}
     # warm starts: one solved state per split (train, val, test), kept out of the checkpoint
     assert sorted(run.split_keys.get(k) for k in head.split_solves) == ["test", "train", "val"]
-    # the DEQ parameters and the new classifier trained (Jacobian term and clip hook in the upstream step)
+    # the DEQ parameters and the new classifier trained (Jacobian term in the upstream step); no clipping asked
     assert not torch.equal(head.deq.weights.detach(), torch.ones(3))
     assert 0 <= summary["final"]["acc"] <= 1 and 0 <= summary["val_selected"]["auc"] <= 1
+    # the authors' selection (acc + weighted F1 + macro F1), on validation and, beside it, on test
+    chosen = protocol.select(summary["history"], "val")
+    assert summary["val_selected"]["epoch"] == chosen["epoch"] and "test_selected" in summary
+    assert set(summary["final"]["val"]) == {"acc", "f1", "auc", "f1_weighted", "f1_macro"}
     # every metric line names its protocol
     metric_lines = [line for line in out.splitlines() if "acc" in line.lower() or "AUC" in line]
     assert metric_lines and all("protocol" in line for line in metric_lines), out
@@ -77,13 +81,14 @@ def test_training_loop_fair_protocol_with_deq(mmd, tmp_path, capsys):
 
 def test_paper_protocol_and_concat_baseline(mmd, tmp_path, capsys):
     integ, upstream, protocol, head_module = mmd
-    run = integ.run(argv(tmp_path, "--fusion", "concat", "--views", "mR,miR"))
+    run = integ.run(argv(tmp_path, "--fusion", "concat", "--views", "mR,miR", "--grad-clip", "30"))
     model, summary = run.model, run.summary
     assert not isinstance(model.MMClasifier, head_module.DEQHead) and model.views == 2
+    assert model.MMClasifier[0].clf[0].in_features == 2 * 16      # --hidden applies to the baseline too
     assert [x.shape[1] for x in run.test] == [200, 200] and len(run.labels_te) == 106
     assert summary["paper_best"]["epoch"] in (0, 2) and "val_selected" not in summary
     out = capsys.readouterr().out
-    assert "[paper protocol: best test of 2 evaluations" in out and "Test ACC" in out
+    assert "[paper protocol: test-selected of 2 evaluations (the authors' criterion" in out and "Test ACC" in out
 
 
 def test_remove_restores_the_upstream_objects(mmd):
@@ -114,5 +119,27 @@ def test_released_checkpoint_scores_on_cpu(mmd, capsys):
     if not (upstream.root / "model" / "ROSMAP" / "checkpoint.pt").is_file():
         pytest.skip("the checkout has no model/ROSMAP/checkpoint.pt (Git LFS not fetched)")
     summary = integ.run(["--data-folder", str(DATA), "--fusion", "concat", "--testonly"]).summary
-    assert summary["checkpoint"] == pytest.approx({"acc": 0.840, "f1": 0.844, "auc": 0.900}, abs=1e-3)
+    upstream_metrics = {k: summary["checkpoint"][k] for k in ("acc", "f1", "auc")}   # what its script prints
+    assert upstream_metrics == pytest.approx({"acc": 0.840, "f1": 0.844, "auc": 0.900}, abs=1e-3)
     assert "[checkpoint " in capsys.readouterr().out
+
+
+def test_selection_is_the_authors_criterion():
+    """experiments/BRCA/train_test_deq.py keeps the evaluation with the largest acc + weighted F1 + macro F1 (strict >:
+    the first of equals), not the largest accuracy."""
+    from deqfusion_patches.mmdynamics import protocol
+
+    def rec(epoch, acc, wf1, mf1):
+        return {"epoch": epoch, "test": {"acc": acc, "f1_weighted": wf1, "f1_macro": mf1}}
+
+    history = [rec(0, 0.70, 0.60, 0.50), rec(50, 0.72, 0.55, 0.40), rec(100, 0.69, 0.62, 0.55), rec(150, 0.69, 0.62, 0.55)]
+    assert protocol.select(history, "test")["epoch"] == 100
+
+
+def test_gradient_clipping_applies_to_both_fusions(mmd, tmp_path):
+    integ, _, _, _ = mmd
+    for fusion in ("concat", "deq"):
+        run = integ.run(argv(tmp_path, "--fusion", fusion, "--epochs", "1", "--grad-clip", "0.5"))
+        model = run.model
+        grads = [p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None]
+        assert grads and float(sum(grads)) ** 0.5 <= 0.5 + 1e-4, fusion   # clipped before the last step

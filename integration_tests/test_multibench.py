@@ -5,6 +5,7 @@ snapshot in ../shared/upstreams/MultiBench (see upstreams.py).
 """
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ GIVEN = upstreams.checkout("DEQFUSION_MULTIBENCH_ROOT", "MultiBench")
 pytestmark = pytest.mark.skipif(not GIVEN, reason=upstreams.missing("DEQFUSION_MULTIBENCH_ROOT", "MultiBench"))
 h5py = pytest.importorskip("h5py")
 
-from deqfusion_adapters.multibench import create, import_multibench, mmimdb, train_paper_mmimdb  # noqa: E402
+from deqfusion_adapters.multibench import create, import_multibench, mmimdb, train_mmimdb  # noqa: E402
 from deqfusion_compat import common  # noqa: E402
 from deqfusion_compat import multibench as shims  # noqa: E402
 from deqfusion_core import compat  # noqa: E402
@@ -50,12 +51,13 @@ def small_model(fusion_name, **kwargs):
 
 
 def train_one_epoch(data, tmp_path, fusion_name, seed=0, **kwargs):
-    """One epoch of MultiBench's train with the paper's setting; returns (model pieces, train kwargs)."""
+    """One epoch of MultiBench's train with its MM-IMDB recipe (and the paper's DEQ recipe for a DEQ); returns
+    (model pieces, train kwargs)."""
     deq_kwargs = dict(dim=WIDTH, f_max_iter=8, b_max_iter=8) if fusion_name == "deq" else dict(root=ROOT, output_dim=WIDTH)
     torch.manual_seed(seed)
     encoders, fusion, head = small_model(fusion_name, **deq_kwargs)
     train_dl, valid_dl, _ = loaders(data)
-    used = train_paper_mmimdb(encoders, fusion, head, train_dl, valid_dl, 1, save=str(tmp_path / "best.pt"),
+    used = train_mmimdb(encoders, fusion, head, train_dl, valid_dl, 1, save=str(tmp_path / "best.pt"),
                               root=ROOT, track_complexity=False, **kwargs)
     return (encoders, fusion, head), used
 
@@ -79,8 +81,8 @@ def test_deq_trains_with_multibench_train_and_test(data, tmp_path, capsys):
     groups = used["optimtype"].optimizer.param_groups
     own = [g for g in groups if {id(p) for p in g["params"]} == fusion_params]
     assert len(groups) == 2 and len(own) == 1
-    assert own[0]["lr"] == pytest.approx(1e-4)  # the paper's 0.1 x 1e-3
-    assert [g["lr"] for g in groups if g is not own[0]] == [pytest.approx(1e-3)]
+    assert own[0]["lr"] == pytest.approx(1e-4)  # the paper's DEQ fusion rate (appendix C)
+    assert [g["lr"] for g in groups if g is not own[0]] == [pytest.approx(8e-3)]   # MultiBench's own, every arm
     assert used["objective"].last_jac_loss is not None and used["objective"].last_jac_loss > 0
     assert "f1_micro" in multibench_test(data, tmp_path, capsys)
 
@@ -93,11 +95,12 @@ def test_jacobian_term_changes_the_gradients(data, tmp_path):
     assert not torch.allclose(runs[0.0], runs[0.1])  # ... so the difference is the Jacobian term's gradient
 
 
-def test_multibench_fusion_trains_with_its_own_learning_rate(data, tmp_path, capsys):
+def test_multibench_fusion_trains_with_multibench_recipe(data, tmp_path, capsys):
     (_, fusion, _), used = train_one_epoch(data, tmp_path, "multiplicative_interactions")
     assert type(fusion).__name__ == "MultiplicativeInteractions2Modal" and fusion.output_dim == WIDTH
-    own = [g for g in used["optimtype"].optimizer.param_groups if g["lr"] == pytest.approx(1e-4)]
-    assert [len(g["params"]) for g in own] == [len(list(fusion.parameters()))]
+    # MultiBench's own late-fusion recipe, with none of the DEQ's (no own fusion rate, no Jacobian objective)
+    assert used["optimtype"] is torch.optim.AdamW and used["lr"] == 8e-3 and used["weight_decay"] == 1e-2
+    assert isinstance(used["objective"], nn.BCEWithLogitsLoss) and used["clip_val"] == 8.0
     assert "f1_micro" in multibench_test(data, tmp_path, capsys)
 
 
@@ -151,8 +154,24 @@ def test_runner_through_the_cli(data, tmp_path):
                  "--data", str(data), "--limit", str(ROWS), "--epochs", "1", "--dim", str(WIDTH),
                  "--batch-size", str(BATCH), "--save", str(tmp_path / "best.pt"), "--json", str(out)])
     result = json.loads(out.read_text())
-    assert code == 0 and result["limit"] == ROWS and result["solver"]["nstep"] <= 6
-    assert all(0.0 <= result[s][k] <= 1.0 for s in ("valid", "test") for k in ("micro", "macro"))
+    assert code == 0 and result["settings"]["data"]["limit"] == ROWS and result["solver"]["nstep"] <= 6
+    assert all(0.0 <= result[s][k] <= 1.0 for s in ("valid", "test") for k in ("f1_micro", "f1_macro"))
+    assert result["settings"]["fusion"]["jac_weight"] == 0.1 and result["settings"]["train"]["lr"] == 8e-3
+
+
+def test_runner_on_rosmap_through_multibench_train(tmp_path):
+    """ROSMAP (MOGONET's layout) through MultiBench's own train() and single_test(): what the MultiBench study runs."""
+    from deqfusion_adapters.multibench import runner
+
+    rosmap = Path(__file__).parents[1].parent / "shared" / "data" / "rosmap"
+    if not (rosmap / "labels_tr.csv").is_file():
+        pytest.skip(f"ROSMAP data not found at {rosmap}")
+    out = tmp_path / "result.json"
+    code = runner.main(["--data", str(rosmap), "--fusion", "concat", "--limit", "48", "--epochs", "2", "--dim", "8",
+                        "--save", str(tmp_path / "best.pt"), "--json", str(out)], root=ROOT)
+    result = json.loads(out.read_text())
+    assert code == 0 and result["settings"]["train"]["optimizer"] == "RMSprop"        # train()'s own default
+    assert 0 <= result["test"]["accuracy"] <= 1 and result["epochs"] == 2
 
 
 def test_launching_a_multibench_script(tmp_path, capsys):

@@ -113,3 +113,27 @@ def test_source_rewrite_loads_a_module_that_does_not_compile(tmp_path):
     finally:
         vqa.unload_rewritten("deqfusion_test_old_engine")
     assert "deqfusion_test_old_engine" not in sys.modules
+
+
+@pytest.mark.skipif(not ROOT, reason="DEQFUSION_VQA_PYTORCH_ROOT is not set (a Cadene/vqa.pytorch checkout)")
+def test_pinning_shim_only_without_an_accelerator():
+    """vqa.pytorch's DataLoader pins every batch; today's torch refuses without an accelerator. The shim's
+    condition is that refusal; it leaves batches unpinned and undoes."""
+    from pathlib import Path
+
+    from deqfusion_core import compat
+
+    shim = {s.name: s for s in compat.shims("mutan")}["vqa.lib.dataloader.pin_memory"]
+    assert shim.needed is vqa._pinning_fails
+    if not vqa._pinning_fails():
+        pytest.skip("pinning works here (an accelerator is present): the shim does not apply")
+    root = Path(ROOT)
+    dataloader = vqa._dataloader_module(root)
+    original = dataloader.pin_memory_batch
+    try:
+        assert compat.apply_shims("mutan", ["vqa.lib.dataloader.pin_memory"], root=root) == ["vqa.lib.dataloader.pin_memory"]
+        batch = {"visual": np.zeros(2)}
+        assert dataloader.pin_memory_batch(batch) is batch
+    finally:
+        compat.undo_shims("mutan", ["vqa.lib.dataloader.pin_memory"])
+    assert dataloader.pin_memory_batch is original

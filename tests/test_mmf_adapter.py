@@ -257,11 +257,20 @@ def test_mmimdb_configs_compose_and_model_runs_on_its_batch_format(fusion, monke
     assert out["scores"].shape == (4, 24)
     assert "train/mmimdb/logit_bce" in out["losses"]
     assert ("train/mmimdb/deq_jacobian" in out["losses"]) == (fusion == "deq")
+    # the paper's MM-IMDB learning rates (appendix C): 1e-3 for all weights but the DEQ fusion's, 1e-4 for it
+    assert config.optimizer.params.lr == 1e-3
     groups = model.get_optimizer_parameters(config)
-    if fusion == "deq":   # the paper's smaller learning rate for the DEQ fusion
-        assert groups[1]["lr"] == 1e-4 and len(groups[1]["params"]) == len(list(model.fusion.parameters()))
+    if fusion == "deq":
+        assert "lr" not in groups[0] and groups[1]["lr"] == 1e-4
+        assert len(groups[1]["params"]) == len(list(model.fusion.parameters()))
     else:
         assert len(groups) == len(list(model.parameters()))
+    # BERT is a frozen feature extractor: no gradients, eval mode (no dropout) even while the model trains
+    bert = model.encoders["text"].bert
+    model.train()
+    assert not any(p.requires_grad for p in bert.parameters()) and not bert.training and model.training
+    out["losses"]["train/mmimdb/logit_bce"].sum().backward()
+    assert all(p.grad is None for p in bert.parameters()) and model.classifier[1].weight.grad is not None
 
 
 def _bert_tokens(processor_config, texts, folder):

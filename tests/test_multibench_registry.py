@@ -112,7 +112,7 @@ def test_objective_adds_the_jacobian_term_in_training_only():
 
 def test_fusion_gets_its_own_learning_rate():
     encoder, fusion = nn.Linear(4, 4), create("deq", [4, 4], f_max_iter=3)
-    optimtype = FusionLR(fusion, scale=0.1)
+    optimtype = FusionLR(fusion, 1e-4)
     params = list(encoder.parameters()) + list(fusion.parameters())
     op = optimtype(params, lr=1e-3, weight_decay=0.01)  # how MultiBench's train calls it
     assert isinstance(op, torch.optim.AdamW) and optimtype.optimizer is op
@@ -121,7 +121,28 @@ def test_fusion_gets_its_own_learning_rate():
     assert {id(p) for p in own["params"]} == {id(p) for p in fusion.parameters()}
     assert own["weight_decay"] == 0.01
     kwargs = deq_train_kwargs(fusion, clip_val=2.0)
-    assert kwargs["objective_args_dict"] == {} and kwargs["clip_val"] == 2.0 and kwargs["optimtype"].scale == 0.1
+    assert kwargs["objective_args_dict"] == {} and kwargs["clip_val"] == 2.0
+    assert kwargs["optimtype"] is torch.optim.AdamW                     # no own rate asked: one group
+    assert deq_train_kwargs(fusion, fusion_lr=1e-4)["optimtype"].fusion_lr == 1e-4
+    with pytest.raises(ValueError, match="fusion_lr: must be > 0"):
+        FusionLR(fusion, 0.0)
+
+
+def test_recipes_are_attributed():
+    """MultiBench's own MM-IMDB recipe is every arm's; the paper's DEQ recipe (appendix C: Jacobian weight 0.1, the
+    DEQ fusion's learning rate 1e-4) is the DEQ arm's; the authors' script's solver settings are not the paper's."""
+    from deqfusion_adapters.multibench import runner, training
+
+    assert training.MULTIBENCH_MMIMDB == dict(batch_size=128, lr=8e-3, weight_decay=1e-2, clip_val=8.0, epochs=1000)
+    assert training.PAPER_MMIMDB == dict(jac_weight=0.1, fusion_lr=1e-4)
+    assert {"f_max_iter", "b_max_iter", "batch_size"} <= set(training.AUTHORS_MMIMDB)
+    args = runner.parser().parse_args(["--data", "x.hdf5", "--fusion", "concat"])
+    used = runner.settings(args)
+    assert used["train"]["lr"] == 8e-3 and used["train"]["batch_size"] == 128 and "jac_weight" not in used["fusion"]
+    deq = runner.settings(runner.parser().parse_args(["--data", "x.hdf5", "--lr", "1e-3"]))
+    assert deq["train"]["lr"] == 1e-3 and deq["fusion"]["fusion_lr"] == 1e-4 and deq["fusion"]["jac_weight"] == 0.1
+    with pytest.raises(ValueError, match="--jac-weight/--fusion-lr: the DEQ recipe"):
+        runner.settings(runner.parser().parse_args(["--data", "x.hdf5", "--fusion", "concat", "--fusion-lr", "1e-4"]))
 
 
 def test_shim_stands_in_only_for_what_is_missing(monkeypatch):
@@ -183,7 +204,7 @@ def test_mmimdb_file_is_checked(tmp_path):
 
 def test_runner_names_a_bad_data_file(tmp_path, capsys):
     pytest.importorskip("h5py")
-    from deqfusion_adapters.multibench import mmimdb
+    from deqfusion_adapters.multibench import runner
 
-    assert mmimdb.main(["--data", str(tmp_path / "missing.hdf5")]) == 2
+    assert runner.main(["--data", str(tmp_path / "missing.hdf5")]) == 2
     assert "--data:" in capsys.readouterr().err

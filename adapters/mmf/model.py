@@ -78,22 +78,34 @@ class FeatureEncoder(nn.Module):
 
 class BertEncoder(nn.Module):
     """BERT over the fields of MMF's `bert_tokenizer` processor (input_ids, input_mask, segment_ids) -> pooled
-    [CLS] -> [B, hidden] (MMBT's text side). ``pretrained: false`` builds an untrained BERT from ``config``."""
+    [CLS] -> [B, hidden] (MMBT's text side). ``pretrained: false`` builds an untrained BERT from ``config``;
+    ``freeze: true`` uses it as a fixed feature extractor (eval mode, no gradients)."""
 
     reads_sample_list = True
 
     def __init__(self, model: str = "bert-base-uncased", pretrained: bool = True, config: dict | None = None,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, freeze: bool = False):
         super().__init__()
         from transformers import BertConfig, BertModel
 
         self.bert = BertModel.from_pretrained(model) if pretrained else BertModel(BertConfig(**(config or {})))
+        self.freeze = bool(freeze)
+        if self.freeze:
+            self.bert.requires_grad_(False)
+            self.bert.eval()
         self.dropout = nn.Dropout(dropout)
         self.out_dim = self.bert.config.hidden_size
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze:
+            self.bert.eval()
+        return self
+
     def forward(self, sample_list):
-        out = self.bert(input_ids=sample_list["input_ids"], attention_mask=sample_list["input_mask"],
-                        token_type_ids=sample_list["segment_ids"])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            out = self.bert(input_ids=sample_list["input_ids"], attention_mask=sample_list["input_mask"],
+                            token_type_ids=sample_list["segment_ids"])
         return self.dropout(out.pooler_output)
 
 
@@ -160,8 +172,8 @@ class FusionClassifier(BaseModel):
         return output
 
     def get_optimizer_parameters(self, config):
-        """``fusion_lr``: a learning rate of the fusion's own (the paper: 1e-4 for DEQ on MM-IMDB, 1e-3 elsewhere);
-        null: one group at the optimizer's learning rate."""
+        """``fusion_lr``: a learning rate of the fusion's own (the paper's MM-IMDB setting, appendix C: 1e-4 for the
+        DEQ fusion, 1e-3 for all other weights); null: one group at the optimizer's learning rate."""
         lr = self.config.get("fusion_lr", None)
         if lr is None:
             return list(self.parameters())

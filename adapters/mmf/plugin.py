@@ -54,6 +54,13 @@ def deqfusion_integration():
     return INTEGRATION
 
 
+@hookimpl
+def deqfusion_comparison():
+    from .compare import MMFComparison
+
+    return MMFComparison()
+
+
 def cmd_user_dir(args) -> int:
     print(USER_DIR)
     return 0

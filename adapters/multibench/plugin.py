@@ -3,7 +3,7 @@
 ``deqfusion run multibench [--upstream PATH] [fusion options] -- <args>``:
 * ``<args>`` starting with a ``.py`` script (relative to the checkout): run that MultiBench script
   unchanged, with the compatibility shims; it can build fusions with ``deqfusion_adapters.multibench.create``;
-* otherwise: the MM-IMDB runner (``python -m deqfusion_adapters.multibench.mmimdb --help``).
+* otherwise: the runner, MM-IMDB or ROSMAP/BRCA (``python -m deqfusion_adapters.multibench.runner --help``).
 
 Applying it uses the checkout for the registry's MultiBench fusions, and registers ``deq`` with the fusion
 options as its defaults.
@@ -43,7 +43,7 @@ class MultiBenchIntegration(Integration):
             script = script if script.is_absolute() else upstream.root / script
             with prepend_sys_path(upstream.root), applying(self.name, shims.IMPORT + shims.SCRIPT):
                 return run_path_as_main(script, argv[1:], cwd=upstream.root)
-        from .mmimdb import main
+        from .runner import main
 
         return main(argv, root=upstream.root, fusion_options=self.options)
 
@@ -54,3 +54,10 @@ INTEGRATION = MultiBenchIntegration()
 @hookimpl
 def deqfusion_integration():
     return INTEGRATION
+
+
+@hookimpl
+def deqfusion_comparison():
+    from .compare import MultiBenchComparison
+
+    return MultiBenchComparison()

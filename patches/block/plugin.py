@@ -175,3 +175,10 @@ INTEGRATION = BlockIntegration()
 @hookimpl
 def deqfusion_integration():
     return INTEGRATION
+
+
+@hookimpl
+def deqfusion_comparison():
+    from .compare import BlockComparison
+
+    return BlockComparison()

@@ -168,3 +168,10 @@ INTEGRATION = CmbertIntegration()
 @hookimpl
 def deqfusion_integration():
     return INTEGRATION
+
+
+@hookimpl
+def deqfusion_comparison():
+    from .compare import CmbertComparison
+
+    return CmbertComparison()

@@ -109,3 +109,10 @@ INTEGRATION = McanIntegration()
 @hookimpl
 def deqfusion_integration():
     return INTEGRATION
+
+
+@hookimpl
+def deqfusion_comparison():
+    from .compare import McanComparison
+
+    return McanComparison()

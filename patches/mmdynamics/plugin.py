@@ -2,12 +2,11 @@
 
 The head and the model patch are in :mod:`deqfusion_patches.mmdynamics.head`; the training script with the
 data folder, view selection and evaluation protocols in :mod:`deqfusion_patches.mmdynamics.protocol`. The
-paper's training settings: Jacobian weight 20 (attached to the fused feature's backward, so the upstream
-``loss.backward()`` includes it), gradient-norm clip 30 (a step pre-hook on the optimizer of the upstream
-``train_epoch``), hidden width 500.
+paper's DEQ setting: Jacobian weight 20 (attached to the fused feature's backward, so the upstream
+``loss.backward()`` includes it).
 
-Options: DEQFusion's, ``jac_weight`` (20) and ``grad_clip`` (30). The fusion (``deq`` or the upstream
-``concat``) and the hidden width are launcher arguments. Shims: ``deqfusion_compat.mmdynamics``.
+Options: DEQFusion's and ``jac_weight`` (20). The fusion (``deq`` or the upstream ``concat``), the hidden width
+and gradient clipping are launcher arguments, the same for both fusions. Shims: ``deqfusion_compat.mmdynamics``.
 """
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from deqfusion_compat import mmdynamics  # noqa: F401 - registers mmdynamics' sh
 from deqfusion_core import hookimpl
 from deqfusion_core.compat import apply_shims
 from deqfusion_core.integration import Integration
-from deqfusion_core.options import OptionError
 from deqfusion_core.process import import_isolated
 
 from . import protocol
@@ -28,19 +26,18 @@ class MmdynamicsIntegration(Integration):
     name = "mmdynamics"
     summary = "MM-Dynamics (BRCA/ROSMAP): DEQ fusion of the confidence-weighted views instead of concatenation"
     env_var, marker, repository = "DEQFUSION_MMDYNAMICS_ROOT", "train_test.py", "TencentAILabHealthcare/mmdynamics"
-    option_defaults = {"jac_weight": PAPER["jac_weight"], "grad_clip": PAPER["grad_clip"]}
+    option_defaults = {"jac_weight": PAPER["jac_weight"]}
     compat = ("deqfusion_compat.mmdynamics",)
 
     def install(self, upstream, options):
-        if options["grad_clip"] < 0:
-            raise OptionError(f"mmdynamics option 'grad_clip': must be >= 0, got {options['grad_clip']}")
         self.root = upstream.require().root
         self.modules = import_isolated(self.root, ["model", "train_test"])
         apply_shims("mmdynamics", train_test=self.modules["train_test"])
 
-    def run(self, argv: Sequence[str]) -> protocol.Run:
-        """One run of the upstream script (``argv``: the launcher's arguments); its summary is ``.summary``."""
-        return protocol.run(self.modules, self.options, protocol.parse_args(argv), self.root)
+    def run(self, argv: Sequence[str], on_evaluation=None) -> protocol.Run:
+        """One run of the upstream script (``argv``: the launcher's arguments); its summary is ``.summary``.
+        ``on_evaluation(record)``: called after each of the script's evaluations."""
+        return protocol.run(self.modules, self.options, protocol.parse_args(argv), self.root, on_evaluation)
 
     def launch(self, upstream, argv: Sequence[str]) -> int:
         self.run(argv)
@@ -53,3 +50,10 @@ INTEGRATION = MmdynamicsIntegration()
 @hookimpl
 def deqfusion_integration():
     return INTEGRATION
+
+
+@hookimpl
+def deqfusion_comparison():
+    from .compare import MMDynamicsComparison
+
+    return MMDynamicsComparison()

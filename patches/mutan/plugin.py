@@ -79,3 +79,10 @@ INTEGRATION = MutanIntegration()
 @hookimpl
 def deqfusion_integration():
     return INTEGRATION
+
+
+@hookimpl
+def deqfusion_comparison():
+    from .compare import MutanComparison
+
+    return MutanComparison()

@@ -1,0 +1,156 @@
+"""``deqfusion compare mmf``: MMF's own training (``mmf_cli.run.run``) of ``fusion_classifier`` once per arm, the
+arms one config key apart, ``model_config.fusion_classifier.fusion`` (easy-VQA unless ``-- dataset=NAME``).
+
+Arms: ``deq`` trains the packaged ``<dataset>_deq.yaml``; a baseline fusion trains ``<dataset>_<fusion>.yaml``
+when one is packaged (``linear_sum``), else ``<dataset>_common.yaml`` with ``fusion.type`` set to it (its
+params: MMF's defaults). Selections: ``val``, MMF's own (the best checkpoint by ``training.early_stop.criteria``
+on validation, which MMF restores before its test inference), and ``final`` (the last update).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from deqfusion_core.compare import Comparison, RunOutcome, Selection
+
+from . import CONFIG_DIR
+
+__all__ = ["MMFComparison"]
+
+EXPERIMENTS = CONFIG_DIR / "experiments"
+MODEL = "model_config.fusion_classifier."
+SMOKE = ["training.max_updates=4", "training.log_interval=2", "training.checkpoint_interval=2",
+         "training.evaluation_interval=2", "training.batch_size=16"]
+SMOKE_DATA = {"easy_vqa": ["dataset_config.easy_vqa.max_samples.train=96", "dataset_config.easy_vqa.max_samples.val=32",
+                           "dataset_config.easy_vqa.max_samples.test=32"]}
+def _dataset(upstream_args: Sequence[str]) -> str:
+    named = [a.split("=", 1)[1] for a in upstream_args if a.startswith(("dataset=", "datasets="))]
+    return named[-1] if named else "easy_vqa"
+
+
+class MMFComparison(Comparison):
+    integration = "mmf"
+    study = "easy_vqa"
+    baseline = "linear_sum"
+    metric = "accuracy"
+    selections = ("val", "final")
+    fusion_keys = {
+        MODEL + "fusion": "the fusion (its type and params)",
+        MODEL + "fusion.params.jac_weight": "DEQ recipe: Jacobian weight",
+        MODEL + "fusion.params.dropout": "DEQ recipe: dropout in the fusion",
+        MODEL + "fusion_lr": "DEQ recipe: the fusion's learning rate",
+        MODEL + "track_gates": "the fusion's statistics (records the DEQ's gates; training is unchanged)",
+    }
+    not_compared = {"config": "the experiment file's path (its settings are compared key by key)",
+                    "env.save_dir": "where the run writes its checkpoints and logs"}
+
+    def study_name(self, upstream_args):
+        return _dataset(upstream_args)
+
+    def smoke_args(self, upstream_args):
+        return SMOKE + SMOKE_DATA.get(_dataset(upstream_args), [])
+
+    def argv(self, arm, seed, fusion_options, upstream_args, run_dir):
+        dataset = _dataset(upstream_args)
+        own = EXPERIMENTS / f"{dataset}_{arm.fusion}.yaml"
+        common = EXPERIMENTS / f"{dataset}_common.yaml"
+        if own.is_file():
+            opts = [f"config={own}"]
+        elif common.is_file():
+            opts = [f"config={common}", f"{MODEL}fusion.type={arm.fusion}"]
+        else:
+            raise ValueError(f"dataset={dataset}: deqfusion packages no {common.name} (experiments: "
+                             f"{', '.join(sorted(p.stem for p in EXPERIMENTS.glob('*_common.yaml')))})")
+        opts += [f"{MODEL}fusion.params.{k}={v}" for k, v in fusion_options.items()]
+        opts += ["model=fusion_classifier"]
+        if not any(a.startswith(("dataset=", "datasets=")) for a in upstream_args):
+            opts.append(f"dataset={dataset}")
+        opts += [f"training.seed={seed}", f"env.save_dir={Path(run_dir) / 'save'}", *upstream_args]
+        return opts
+
+    # -- in the worker ------------------------------------------------------------------------------------------
+    def effective_config(self, upstream, argv) -> dict[str, Any]:
+        import argparse
+
+        from . import register
+
+        mapping = register()
+        from mmf.utils.configuration import Configuration
+        from omegaconf import OmegaConf
+
+        config = Configuration(argparse.Namespace(config_override=None, opts=list(argv))).get_config()
+        fusion = OmegaConf.select(config, MODEL + "fusion.type")
+        if fusion not in mapping:
+            raise KeyError(f"{MODEL}fusion.type: unknown fusion {fusion!r}; MMF's fusion registry has: "
+                           f"{', '.join(sorted(mapping))}")
+        return OmegaConf.to_container(config, resolve=True)
+
+    def train(self, upstream, argv, run_dir, progress) -> RunOutcome:
+        from . import register
+
+        register()
+        from mmf.common.registry import registry
+        from mmf.trainers.base_trainer import BaseTrainer
+        from mmf.utils.checkpoint import Checkpoint
+        from mmf_cli.run import run
+
+        evals: list[dict] = []
+        state: dict[str, Any] = {"phase": "training", "trainer": None}
+        evaluate, restore = BaseTrainer.evaluate, Checkpoint.restore
+
+        def recording_evaluate(trainer, loader, *args, **kwargs):
+            report, meter = evaluate(trainer, loader, *args, **kwargs)
+            split = "val" if loader is getattr(trainer, "val_loader", None) else "test"
+            metrics = _metrics(meter, split)
+            state["trainer"] = trainer
+            evals.append({"split": split, "update": trainer.num_updates, "phase": state["phase"], "metrics": metrics})
+            if split == "val" and state["phase"] == "training":
+                progress(done=trainer.num_updates, total=trainer.max_updates, unit="update",
+                         metric={f"val {k}": v for k, v in metrics.items()})
+            return report, meter
+
+        def restore_after_final_test(checkpoint):
+            # the last update's test metrics ("final"), before MMF restores its best checkpoint for its own test
+            trainer = checkpoint.trainer
+            if state["phase"] == "training":
+                state["phase"] = "final"
+                if any(rt in trainer.run_type for rt in ("inference", "test")):
+                    trainer.evaluate(trainer.test_loader)
+                state["phase"] = "selected"
+            return restore(checkpoint)
+
+        BaseTrainer.evaluate, Checkpoint.restore = recording_evaluate, restore_after_final_test
+        try:
+            run(opts=list(argv))
+        finally:
+            BaseTrainer.evaluate, Checkpoint.restore = evaluate, restore
+        trainer, config = state["trainer"], registry.get("config")
+        vals = [e for e in evals if e["split"] == "val" and e["phase"] == "training"]
+        if trainer is None or not vals:
+            raise RuntimeError("MMF ran no validation: nothing to select or report")
+        tests = {phase: [e["metrics"] for e in evals if e["split"] == "test" and e["phase"] == phase]
+                 for phase in ("final", "selected")}
+        stop = config.training.early_stop
+        best = trainer.early_stopping.best_monitored_update
+        at_best = [e for e in vals if e["update"] == best]
+        selections = {
+            "val": Selection(at_best[-1]["metrics"] if at_best else None, (tests["selected"] or [None])[-1],
+                             at=f"update {best}", criterion=f"MMF's best checkpoint: {'min' if stop.minimize else 'max'}"
+                                                            f" of val/{stop.criteria}, restored before its test run"),
+            "final": Selection(vals[-1]["metrics"], (tests["final"] or [None])[-1], at=f"update {vals[-1]['update']}",
+                               criterion="the last update"),
+        }
+        return RunOutcome(selections, [], {"updates": vals[-1]["update"], "evaluations": len(vals)})
+
+
+def _metrics(meter, split: str) -> dict[str, float]:
+    """``{metric: value}`` of one evaluation from MMF's meter (``<split>/<dataset>/<metric>``; losses left out)."""
+    from mmf.common.registry import registry
+
+    names = {m if isinstance(m, str) else m.get("type") for m in registry.get("config").evaluation.metrics}
+    out = {}
+    for key, value in meter.meters.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == split and parts[2] in names:
+            out[parts[2]] = float(value.global_avg)
+    return out

@@ -1,0 +1,105 @@
+"""The README's result tables, generated from the committed ``summary.json`` files (never typed by hand).
+
+    python benchmarks/readme_tables.py           # rewrite every generated table in README.md and docs/*.md
+    python benchmarks/readme_tables.py --check   # exit 1 when a table differs from its summary.json
+
+A generated table is the text between the lines ``<!-- results: benchmarks/results/<study>/summary.json -->`` and
+``<!-- /results -->``; the summary comes from ``deqfusion compare`` (``../shared/RESULTS.md``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"^(<!-- results: (?P<path>\S+) -->\n)(?P<body>.*?)^(<!-- /results -->)", re.S | re.M)
+
+
+def _ms(d: dict | None, digits: int = 3) -> str:
+    if not d or d.get("mean") is None:
+        return "–"
+    return f"{d['mean']:.{digits}f}" + ("" if d.get("std") is None else f" ± {d['std']:.{digits}f}")
+
+
+def _ci(d: dict | None, digits: int = 3) -> str:
+    if not d or d.get("mean") is None:
+        return "–"
+    ci = d.get("ci95")
+    return f"{d['mean']:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else " (one seed)")
+
+
+def _time(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def render(summary: dict, source: str) -> str:
+    """One table: per arm, the headline metric (mean ± std over seeds) under each selection, the DEQ's
+    convergence and the wall time per run; per baseline, the paired difference with its 95% interval."""
+    metric, primary = summary["metric"], summary["primary_selection"]
+    others = [s for s in summary["selections"] if s != primary]
+    cols = [(primary, "val"), (primary, "test")] + [(s, "test") for s in others]
+    names = {"val": "val-selected", "final": "final", "test": "test-selected"}
+    head = [f"{split} {metric}, {names.get(sel, sel)}" for sel, split in cols]
+    lines = ["| arm (fusion) | " + " | ".join(head) + " | DEQ converged: train (last quarter) / eval | "
+             "mean solver steps (train) | wall time per run |", "|---|" + "---|" * (len(cols) + 3)]
+    for name, arm in summary["arms"].items():
+        cells = [_ms(arm["metrics"].get(sel, {}).get(split, {}).get(metric)) for sel, split in cols]
+        sv = arm["solver"]
+        conv = "–" if not sv else (f"{_ms(sv['train_converged_fraction_last_quarter'], 2)} / "
+                                   f"{_ms(sv['eval_converged_fraction'], 2)}")
+        steps = "–" if not sv else f"{_ms(sv['mean_steps'], 1)} of {sv['max_iter']}"
+        lines.append(f"| {name} ({arm['fusion']}) | " + " | ".join(cells) + f" | {conv} | {steps} | "
+                     f"{_time(arm['wall_s']['mean'])} |")
+    for pair in summary["paired"]:
+        cells = [_ci(pair["metrics"].get(sel, {}).get(split, {}).get(metric)) for sel, split in cols]
+        lines.append(f"| {pair['arm']} − {pair['baseline']} (paired, 95% CI) | " + " | ".join(cells) + " | | | |")
+    seeds = summary["seeds"]
+    commits = ", ".join(str(c)[:10] for c in summary["commits"])
+    lines += ["", f"{len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(map(str, seeds))}); "
+                  f"{'; '.join(summary['machines'])}; commit {commits}; "
+                  f"`{'`, `'.join(summary['commands'])}`; from [{source}]({source}) "
+                  f"(details: [summary.md]({source.rsplit('/', 1)[0]}/summary.md))."]
+    return "\n".join(lines) + "\n"
+
+
+def regenerate(text: str, root: Path = ROOT) -> str:
+    def replace(m: re.Match) -> str:
+        path = root / m.group("path")
+        if not path.is_file():
+            raise FileNotFoundError(f"{m.group('path')}: no such result file")
+        return m.group(1) + render(json.loads(path.read_text()), m.group("path")) + m.group(4)
+
+    return BLOCK.sub(replace, text)
+
+
+def documents(root: Path = ROOT) -> list[Path]:
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 when a table differs from its summary.json")
+    args = p.parse_args(argv)
+    stale = []
+    for doc in documents():
+        text = doc.read_text()
+        new = regenerate(text)
+        if new != text:
+            stale.append(doc.relative_to(ROOT))
+            if not args.check:
+                doc.write_text(new)
+    if args.check and stale:
+        print(f"stale result tables in {', '.join(map(str, stale))}: run python benchmarks/readme_tables.py")
+        return 1
+    print(("rewrote " + ", ".join(map(str, stale))) if stale and not args.check else "result tables up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The README's (and docs') result tables equal what benchmarks/readme_tables.py generates from the committed
+summary.json files, and every summary.json the project commits is shown somewhere."""
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
+tables = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tables)
+
+
+@pytest.mark.parametrize("doc", tables.documents(), ids=lambda p: p.name)
+def test_result_tables_equal_their_summary_json(doc):
+    text = doc.read_text()
+    assert tables.regenerate(text) == text, f"{doc.name}: run python benchmarks/readme_tables.py"
+
+
+def test_every_table_names_an_existing_summary_and_is_closed():
+    for doc in tables.documents():
+        text = doc.read_text()
+        opened, closed = re.findall(r"^<!-- results: ", text, re.M), re.findall(r"^<!-- /results -->", text, re.M)
+        assert len(opened) == len(closed) == len(tables.BLOCK.findall(text))
+        for m in tables.BLOCK.finditer(text):
+            assert (ROOT / m.group("path")).is_file(), f"{doc.name}: {m.group('path')}"
+
+
+def test_render_changes_with_the_summary(tmp_path):
+    summary = {"metric": "accuracy", "primary_selection": "val", "selections": ["val", "final"], "seeds": [1, 2],
+               "commits": ["abcdef1234567"], "machines": ["2 CPU cores"], "commands": ["deqfusion compare x"],
+               "arms": {"baseline": {"fusion": "sum", "solver": None, "wall_s": {"mean": 61.0},
+                                     "metrics": {"val": {"val": {"accuracy": {"mean": 0.5, "std": 0.01}},
+                                                         "test": {"accuracy": {"mean": 0.4, "std": None}}}}}},
+               "paired": []}
+    path = tmp_path / "results" / "s" / "summary.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(summary))
+    doc = "x\n<!-- results: results/s/summary.json -->\nold\n<!-- /results -->\ny\n"
+    new = tables.regenerate(doc, tmp_path)
+    assert "| baseline (sum) | 0.500 ± 0.010 | 0.400 | – | – | – | 1 min 01 s |" in new and "old" not in new
+    assert new.startswith("x\n<!-- results: results/s/summary.json -->\n| arm (fusion) |") and new.endswith("y\n")
+    assert tables.regenerate(new, tmp_path) == new
