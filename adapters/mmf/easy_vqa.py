@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import compat
+from .flavour import install_shims
 
-compat.install()  # before the first `import mmf`
+install_shims()  # before the first `import mmf`
 from mmf.common.registry import registry
 from mmf.common.sample import Sample
 from mmf.datasets.base_dataset import BaseDataset

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import compat
+from .flavour import MAIN, install_shims
 
 
 def register(options: dict[str, Any] | None = None) -> dict[str, type]:
     """Idempotent. ``options``: DEQFusion keyword arguments (and ``jac_weight``) overriding every `deq`
     fusion's config params, e.g. from ``deqfusion run mmf --f-max-iter 50``. Returns MMF's fusion registry."""
-    compat.install()
+    info = install_shims()
     from .fusion import OVERRIDES, register_fusions
 
     if options is not None:
@@ -17,5 +17,10 @@ def register(options: dict[str, Any] | None = None) -> dict[str, type]:
         OVERRIDES.update(options)
     mapping = register_fusions()
     from . import easy_vqa, model  # noqa: F401 - registers `fusion_classifier` and `easy_vqa`
+
+    if info is not None and info.flavour == MAIN:   # `fusion:` in MMF main's concat/sum baselines
+        from .baselines import patch
+
+        patch()
 
     return mapping
