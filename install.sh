@@ -27,10 +27,11 @@ case ",$extras," in *,mmf,*) "${pip[@]}" --no-deps "mmf==1.0.0rc10" ;; esac
 if [ "$what" = mmf-main ]; then
   # MMF main pins torch 1.11 (no build for Python 3.11), transformers <= 4.10, pytorch-lightning 1.6, torchtext:
   # `pip install PATH` cannot resolve. Install it the way its docs say (editable) but --no-deps; the `mmf-main`
-  # extra brings current versions of what it imports, deqfusion_compat.mmf_main shims the rest. A read-only PATH
-  # (e.g. ../shared/upstreams/mmf) is copied to $venv/src/mmf first, its flattened git symlinks restored.
+  # extra brings current versions of what it imports, deqfusion_compat.mmf_main shims the rest. A git clone is
+  # installed in place (the build writes mmf.egg-info and a C extension into it); anything else (an export, the
+  # read-only ../shared/upstreams/mmf) is copied to $venv/src/mmf first, its flattened git symlinks restored.
   src="${2:?usage: ./install.sh mmf-main PATH (a checkout of facebookresearch/mmf)}"
-  if [ ! -w "$src" ] || [ -n "${DEQFUSION_MMF_COPY:-}" ]; then
+  if [ ! -e "$src/.git" ] || [ -n "${DEQFUSION_MMF_COPY:-}" ]; then
     "$venv/bin/python" -m deqfusion_adapters.mmf.checkout "$src" "$venv/src/mmf" > /dev/null
     src="$venv/src/mmf"
   fi

@@ -107,7 +107,7 @@ _torchvision_schemas = None          # the torch.library.Library that holds thei
 
 
 def _torchvision_c_ops_missing() -> bool:
-    if missing("torchvision") or "torchvision" in sys.modules:
+    if "torchvision" in sys.modules or missing("torchvision"):
         return False
     try:
         importlib.import_module("torchvision")

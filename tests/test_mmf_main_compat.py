@@ -3,6 +3,7 @@ the shims' conditions and replacements (deqfusion_compat.mmf_main), and the base
 MMF main runs are in integration_tests/test_mmf_main.py (a venv of their own)."""
 import importlib
 import inspect
+import subprocess
 import sys
 import types
 
@@ -92,18 +93,17 @@ def test_stand_ins_have_specs():
 
 
 def test_torchvision_condition_is_the_c_ops_failure():
-    """This venv's torchvision is PyPI's CUDA build beside the CPU torch (install.sh): its C ops do not load."""
-    if importlib.util.find_spec("torchvision") is None or "torchvision" in sys.modules:
-        pytest.skip("torchvision absent or already imported here")
-    try:
-        importlib.import_module("torchvision")
-    except RuntimeError:
-        for name in [m for m in sys.modules if m.startswith("torchvision")]:
-            del sys.modules[name]
-        assert mmf_main._torchvision_c_ops_missing() is True
-        assert "torchvision" not in sys.modules
-    else:
-        assert mmf_main._torchvision_c_ops_missing() is False
+    """In a fresh process (this one may hold rc10's stand-in): the condition is true exactly when `import torchvision`
+    dies on its missing C ops, as PyPI's CUDA build beside the CPU torch does (this venv's, see install.sh)."""
+    code = ("import importlib, sys\n"
+            "try:\n    importlib.import_module('torchvision'); broken = False\n"
+            "except RuntimeError as e:\n    broken = 'torchvision::' in str(e)\n"
+            "    [sys.modules.pop(m) for m in list(sys.modules) if m.startswith('torchvision')]\n"
+            "from deqfusion_compat import mmf_main\n"
+            "print(broken, mmf_main._torchvision_c_ops_missing(), 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    broken, condition, imported = (word == "True" for word in out)
+    assert condition is broken and imported is not broken
 
 
 def test_transformers_aliases_resolve_lazily_to_the_same_module():
