@@ -61,7 +61,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         up = integ.locate()
         status = f"found {up.version or ''}".strip() if up.found else "not found"
         where = str(up.root) if up.root else (integ.distribution or "")
-        rows.append((name, status, where, integ.summary if up.found else up.reason))
+        describe = getattr(integ, "describe", None)   # an integration may say more once found (MMF: its shims)
+        rows.append((name, status, where, (describe(up) if describe else integ.summary) if up.found else up.reason))
         if args.verbose:
             details[name] = shim_lines(integ)
     for err in reg.errors:

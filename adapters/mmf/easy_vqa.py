@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deqfusion_compat import mmf_rc10
+from .flavour import install_shims
 
-mmf_rc10.install()  # before the first `import mmf`
+install_shims()  # before the first `import mmf`
 from mmf.common.registry import registry
 from mmf.common.sample import Sample
 from mmf.datasets.base_dataset import BaseDataset

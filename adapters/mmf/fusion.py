@@ -87,3 +87,15 @@ def _to_container(node):
     except ImportError:
         pass
     return node
+
+
+def add_jacobian_loss(model: nn.Module, fusion: nn.Module, sample_list, output: dict) -> None:
+    """Training with `deq` and ``jac_weight > 0``: ``output["losses"]`` = MMF's losses of ``model`` plus the entry
+    ``<split>/<dataset>/deq_jacobian`` = ``jac_weight`` x the Jacobian term, so it is part of MMF's total loss."""
+    if not isinstance(fusion, DEQFusionMMF):
+        return
+    jac = fusion.last_jac_loss
+    if model.training and jac is not None and fusion.jac_weight > 0:
+        losses = model.losses(sample_list, output)
+        losses[f"{sample_list.dataset_type}/{sample_list.dataset_name}/deq_jacobian"] = (fusion.jac_weight * jac).view(1)
+        output["losses"] = losses

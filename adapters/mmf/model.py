@@ -22,11 +22,10 @@ import weakref
 import torch
 from torch import nn
 
-from deqfusion_compat import mmf_rc10
+from .flavour import install_shims
+from .fusion import DEQFusionMMF, _to_container, add_jacobian_loss, build_fusion
 
-from .fusion import DEQFusionMMF, _to_container, build_fusion
-
-mmf_rc10.install()  # before the first `import mmf`
+install_shims()  # before the first `import mmf`
 from mmf.common.registry import registry  # noqa: E402
 from mmf.models.base_model import BaseModel  # noqa: E402
 
@@ -163,12 +162,7 @@ class FusionClassifier(BaseModel):
         output = {"scores": self.classifier(self.fusion(features))}
         if isinstance(self.fusion, DEQFusionMMF):
             self._record(self.fusion.last_stats)
-            jac = self.fusion.last_jac_loss
-            if self.training and jac is not None and self.fusion.jac_weight > 0:
-                losses = self.losses(sample_list, output)
-                name = f"{sample_list.dataset_type}/{sample_list.dataset_name}/deq_jacobian"
-                losses[name] = (self.fusion.jac_weight * jac).view(1)
-                output["losses"] = losses
+            add_jacobian_loss(self, self.fusion, sample_list, output)
         return output
 
     def get_optimizer_parameters(self, config):
@@ -197,21 +191,41 @@ class FusionClassifier(BaseModel):
         log.add(stats)
         if self.training:
             interval = int(registry.get("config").training.log_interval or 1) if registry.get("config") else 1
-            updates = (registry.get("num_updates", 0, no_warning=True) or 0) + 1
+            updates = self._update_number()
             if updates % interval == 0:
                 self._write(log.flush(f"update {updates}"))
 
+    def _update_number(self) -> int:
+        """The update (1-based) this training batch is part of: from Lightning's global step under MMF main's
+        Lightning trainer, else from the training batches seen in this process and ``training.update_frequency``."""
+        trainer = getattr(self, "_trainer", None)   # MMF main's models are LightningModules
+        if trainer is not None:
+            return int(trainer.global_step) + 1
+        config = registry.get("config", no_warning=True)
+        every = int(config.training.get("update_frequency", 1) or 1) if config is not None else 1
+        self._train_batches = getattr(self, "_train_batches", 0) + 1
+        return (self._train_batches - 1) // every + 1
+
     def train(self, mode: bool = True):
-        if mode and not self.training and self._solver_log["eval"].count:  # evaluation just finished
-            self._write(self._solver_log["eval"].flush("evaluation"))
+        if mode and not self.training:  # evaluation just finished (MMF's trainers)
+            self._flush_evaluation()
         return super().train(mode)
 
+    def on_validation_epoch_end(self):  # MMF main's Lightning trainer (Lightning restores modes without train())
+        self._flush_evaluation()
+
+    def _flush_evaluation(self):
+        if self._solver_log["eval"].count:
+            self._write(self._solver_log["eval"].flush("evaluation"))
+
     def _write(self, line):
-        writer = registry.get("writer")
-        if writer is not None:
-            writer.write(line)
-        else:
+        writer = registry.get("writer", no_warning=True)
+        if writer is None:
             print(line, flush=True)
+        elif hasattr(writer, "write"):   # rc10's Logger
+            writer.write(line)
+        else:                            # MMF main registers a logging.Logger
+            writer.info(line)
 
 
 def _labels_from_dataset(key: str) -> int:

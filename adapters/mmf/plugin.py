@@ -8,10 +8,11 @@ from typing import Sequence
 
 from deqfusion_core import hookimpl
 from deqfusion_core.compat import unwatch_imports
-from deqfusion_core.integration import Integration
+from deqfusion_core.integration import Integration, Upstream
 from deqfusion_core.process import run_main
 
 from . import CONFIG_DIR, USER_DIR
+from .flavour import ROOT_VARIABLE, detect, shims_needed, use_checkout
 
 
 def resolve_config_opts(argv: Sequence[str]) -> list[str]:
@@ -31,12 +32,35 @@ class MMFIntegration(Integration):
     name = "mmf"
     summary = "fusion: deq in MMF's fusion registry, fusion_classifier model, easy_vqa dataset"
     distribution, module = "mmf", "mmf"
-    compat = ("deqfusion_compat.mmf_rc10",)
+    compat = ("deqfusion_compat.mmf_rc10",)   # `deqfusion list -v`; MMF main's shims are listed by describe()
+    env_var = ROOT_VARIABLE          # a checkout of MMF main, instead of the installed mmf
+    marker = "mmf/version.py"
+    repository = "facebookresearch/mmf"
+
+    def locate(self, path=None):
+        """The installed mmf, or the checkout given by ``path`` / ``$DEQFUSION_MMF_ROOT`` (then first on sys.path);
+        the version says which flavour: ``rc10 1.0.0rc10`` or ``main 1.0.0rc12 (git ...)``."""
+        upstream = super().locate(path)
+        if not upstream.found:
+            return upstream
+        if upstream.root is not None:
+            use_checkout(upstream.root)
+        info = detect()
+        if info is None:
+            return Upstream(self.name, False, upstream.root, reason="no importable `mmf` package")
+        commit = f" (git {info.commit})" if info.commit else ""
+        return Upstream(self.name, True, info.path, f"{info.flavour} {info.version}{commit}")
+
+    def describe(self, upstream) -> str:
+        """``deqfusion list``: the shims this MMF needs on this stack."""
+        names = shims_needed()
+        return f"{self.summary}; shims: {', '.join(names) or 'none'}"
 
     def install(self, upstream, options):
         from .registration import register, unregister
 
         self.patches.call(lambda: unwatch_imports(self.name))
+        self.patches.call(lambda: unwatch_imports("mmf-main"))
         self.patches.call(unregister)
         register(options)
 
@@ -67,6 +91,10 @@ def cmd_user_dir(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    upstream = INTEGRATION.locate(args.upstream)
+    if not upstream.found:
+        print(f"deqfusion mmf-demo: MMF not found: {upstream.reason}", file=sys.stderr)
+        return 2
     from .demo import main
 
     return main(args)
@@ -83,6 +111,8 @@ def deqfusion_add_commands(subparsers):
     p.add_argument("--max-updates", type=int, default=None, help="override training.max_updates")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the demo's ops are "
                                                           "tiny; extra threads only wait on a busy machine)")
+    p.add_argument("--upstream", metavar="PATH", help=f"an MMF checkout (git main) to use instead of the installed "
+                                                      f"mmf (else ${ROOT_VARIABLE})")
     p.add_argument("mmf_opts", nargs="*", help="more MMF options, e.g. training.batch_size=32")
     p.set_defaults(func=cmd_demo)
 

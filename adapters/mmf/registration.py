@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from deqfusion_compat import mmf_rc10
+from .flavour import MAIN, install_shims
 
 
 def register(options: Mapping[str, Any] | None = None) -> dict[str, type]:
     """Idempotent. ``options``: DEQFusion keyword arguments (and ``jac_weight``) overriding every `deq`
     fusion's config params, e.g. from ``deqfusion run mmf --f-max-iter 50`` (None: keep those registered).
     Returns MMF's fusion registry."""
-    mmf_rc10.install()
+    info = install_shims()
     from mmf.common.registry import registry
 
     from .easy_vqa import EasyVQABuilder
@@ -20,12 +20,21 @@ def register(options: Mapping[str, Any] | None = None) -> dict[str, type]:
     mapping = register_fusions(options)
     registry.mapping["model_name_mapping"]["fusion_classifier"] = FusionClassifier
     registry.mapping["builder_name_mapping"]["easy_vqa"] = EasyVQABuilder
+    if info is not None and info.flavour == MAIN:   # `fusion:` in MMF main's concat/sum baselines
+        from .baselines import patch
+
+        patch()
     return mapping
 
 
 def unregister() -> None:
-    """Take `deq`, `fusion_classifier` and `easy_vqa` out of MMF's registry (MMF's own fusions stay)."""
+    """Take `deq`, `fusion_classifier` and `easy_vqa` out of MMF's registry (MMF's own fusions stay), and MMF main's
+    baselines as they were."""
     from mmf.common.registry import registry
+
+    from .baselines import unpatch
+
+    unpatch()
 
     for kind, name in (("fusion_name_mapping", "deq"), ("model_name_mapping", "fusion_classifier"),
                        ("builder_name_mapping", "easy_vqa")):

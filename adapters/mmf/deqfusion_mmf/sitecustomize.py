@@ -1,5 +1,5 @@
-"""Only for MMF 1.0.0rc10 on a current Python/torch stack, where `import mmf` itself fails before MMF reads
-env.user_dir: with this folder on PYTHONPATH, Python runs this file at start-up, which installs deqfusion's
+"""For MMF on a current Python/torch stack (1.0.0rc10, or git main), where `import mmf` itself fails before MMF
+reads env.user_dir: with this folder on PYTHONPATH, Python runs this file at start-up, which installs deqfusion's
 import hook (the shims apply when `mmf` is first imported, and only those needed); then it runs the
 sitecustomize this file shadows, if any."""
 import importlib.machinery
@@ -8,9 +8,9 @@ import os
 import sys
 
 try:
-    from deqfusion_compat import mmf_rc10
+    from deqfusion_adapters.mmf.flavour import install_shims
 
-    mmf_rc10.install()
+    install_shims()
 except ImportError:  # deqfusion not importable from this interpreter: leave it alone
     pass
 
