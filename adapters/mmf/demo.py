@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 
 from . import CONFIG_DIR
+from .progress import console
 
 
-def evaluate(model, dataset, batch_size: int = 256):
-    """Accuracy of ``model`` on ``dataset`` and the DEQ stats of each batch (empty for other fusions)."""
+def evaluate(model, dataset, batch_size: int = 64):
+    """Accuracy of ``model`` on ``dataset`` and the DEQ stats of each batch (empty for other fusions); batches of
+    ``batch_size`` (the demo passes ``training.batch_size``, the batches MMF's own validation solves)."""
     from mmf.common.sample import SampleList
 
     from .fusion import DEQFusionMMF
@@ -55,15 +57,17 @@ def main(args) -> int:
     # Tiny ops: two threads were no faster than one on 2 idle cores, and spin-waited for minutes on busy ones.
     torch.set_num_threads(max(1, int(args.threads)))
     t0 = time.time()
-    run(opts=opts + list(args.mmf_opts))
-    # MMF's logger (training.stdout_capture) has taken over sys.stdout by now: print to the real one
+    # MMF's logger (training.stdout_capture) takes over sys.stdout: progress and results go to the real one
     print = functools.partial(builtins.print, file=sys.__stdout__, flush=True)  # noqa: A001
+    print(f"== training fusion {args.fusion} in MMF ({config.name}); MMF's full log: {out / 'save' / 'train.log'}")
+    with console(sys.__stdout__):
+        run(opts=opts + list(args.mmf_opts))
     model = FusionClassifier.last_built() if FusionClassifier.last_built else None
     if model is None:
         print("deqfusion mmf-demo: MMF did not build the model")
         return 1
     val = EasyVQABuilder().load(registry.get("config").dataset_config.easy_vqa, "val")
-    acc, stats = evaluate(model, val)
+    acc, stats = evaluate(model, val, int(registry.get("config").training.batch_size))
     result = {"fusion": args.fusion, "val_accuracy": acc, "val_samples": len(val),
               "train_seconds": round(time.time() - t0, 1)}
     print(f"\n== easy-VQA, fusion {args.fusion}: validation accuracy {acc:.4f} ({len(val)} questions, "
@@ -71,12 +75,15 @@ def main(args) -> int:
     if stats:
         from deqfusion_core import plot_convergence, plot_gates
 
-        result["solver"] = {"mean_steps": sum(s.nstep for s in stats) / len(stats),
-                            "max_rel_residual": max(s.rel_residual for s in stats),
-                            "converged_batches": sum(s.converged for s in stats), "batches": len(stats)}
-        print(f"== DEQ solver on validation: mean steps {result['solver']['mean_steps']:.1f}/{stats[0].max_iter}, "
-              f"max rel residual {result['solver']['max_rel_residual']:.2e}, converged "
-              f"{result['solver']['converged_batches']}/{len(stats)} batches (tol {stats[0].tol:g})")
+        residuals = torch.cat([s.rel_residuals if s.stop == "rel" else s.abs_residuals for s in stats])
+        result["solver"] = {"mean_steps": sum(s.nstep for s in stats) / len(stats), "max_iter": stats[0].max_iter,
+                            "max_rel_residual": max(s.rel_residual for s in stats), "tol": stats[0].tol,
+                            "converged_batches": sum(s.converged for s in stats), "batches": len(stats),
+                            "converged_samples": int((residuals <= stats[0].tol).sum()), "samples": len(residuals)}
+        solver = result["solver"]
+        print(f"== DEQ solver on validation: mean steps {solver['mean_steps']:.1f}/{solver['max_iter']}, max rel "
+              f"residual {solver['max_rel_residual']:.2e}, converged {solver['converged_batches']}/{len(stats)} batches, "
+              f"{solver['converged_samples']}/{solver['samples']} questions (tol {solver['tol']:g} {stats[0].stop})")
         conv = plot_convergence(stats, out / "convergence.png")
         print(f"== plots: {conv}", end="")
         if stats[0].gates is not None:
