@@ -110,8 +110,13 @@ def shims_needed(info: MMFInfo | None = None) -> list[str]:
         elif s.module == "mmf" and s.before:
             if s.needed():
                 names += apply_shims(upstream, only=[s.name])
-        elif s.module is None and s.needed():
+        elif s.module is None:
+            if s.needed():
+                names.append(s.name)
+        elif upstream == "mmf-main" and s.needed(module=None):   # main's conditions read the checkout's files
             names.append(s.name)
+    if upstream == "mmf":
+        names.append("(more when MMF's modules import)")
     return names
 
 

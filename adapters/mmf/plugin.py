@@ -39,7 +39,11 @@ class MMFIntegration(Integration):
 
     def locate(self, path=None):
         """The installed mmf, or the checkout given by ``path`` / ``$DEQFUSION_MMF_ROOT`` (then first on sys.path);
-        the version says which flavour: ``rc10 1.0.0rc10`` or ``main 1.0.0rc12 (git ...)``."""
+        the version says which flavour: ``rc10 1.0.0rc10`` or ``main 1.0.0rc12 (git ...)``. ``path`` may also be
+        the ``mmf`` package folder an earlier locate reported (``deqfusion compare`` passes it to its workers)."""
+        if path is not None and Path(path).name == "mmf" and (Path(path) / "version.py").is_file():
+            info = detect()
+            path = None if info is not None and info.path == Path(path).resolve() else Path(path).resolve().parent
         upstream = super().locate(path)
         if not upstream.found:
             return upstream
