@@ -75,6 +75,8 @@ class SolverStats:
     state: torch.Tensor | None = None       # detached solved state [B, (N+1)*dim]: pass as z0 to warm start
     previous_state: torch.Tensor | None = None  # the warm start's solved state (converged): for extrapolation
     backward_report: BackwardReport | None = field(default=None, repr=False)  # the implicit backward's
+    # -- optional diagnostics -------------------------------------------------------------------------
+    spectral_radius: torch.Tensor | None = None   # [B] estimate of rho(df/dz) at z* (``spectral_radius_iters``)
 
     @classmethod
     def from_result(cls, res: SolveResult, solver: str, max_iter: int, tol: float, stop: str,
@@ -106,6 +108,17 @@ class SolverStats:
         return float(self.rel_residuals.median()) if self.rel_residuals.numel() else 0.0
 
     @property
+    def spectral_radius_max(self) -> float | None:
+        """Largest spectral radius estimate over the batch (None when not estimated)."""
+        r = self.spectral_radius
+        return None if r is None or not r.numel() else float(r.max())
+
+    @property
+    def spectral_radius_median(self) -> float | None:
+        r = self.spectral_radius
+        return None if r is None or not r.numel() else float(r.median())
+
+    @property
     def abs_residual(self) -> float:
         """Largest absolute residual over the batch."""
         return float(self.abs_residuals.max()) if self.abs_residuals.numel() else 0.0
@@ -121,6 +134,9 @@ class SolverStats:
             f"{prefix}rel_residual_median": self.rel_residual_median,
             f"{prefix}abs_residual": self.abs_residual, f"{prefix}converged": self.converged,
         }
+        if self.spectral_radius is not None:
+            d[f"{prefix}spectral_radius_max"] = self.spectral_radius_max
+            d[f"{prefix}spectral_radius_median"] = self.spectral_radius_median
         if self.backward is not None:
             d.update(self.backward.as_dict(prefix=prefix + "backward_"))
         return d
@@ -129,6 +145,8 @@ class SolverStats:
         s = (f"{self.solver}: {self.nstep}/{self.max_iter} steps, rel residual max {self.rel_residual:.2e} "
              f"median {self.rel_residual_median:.2e}, {'converged' if self.converged else 'NOT converged'} "
              f"(tol {self.tol:g} {self.stop})")
+        if self.spectral_radius is not None:
+            s += f", spectral radius max {self.spectral_radius_max:.3f} median {self.spectral_radius_median:.3f}"
         if self.backward is not None:
             s += f"; backward {self.backward}"
         return s

@@ -1,0 +1,117 @@
+"""The convergence options of DEQFusion (issue 10): evaluation cap, spectral radius estimate, stagnation
+detection, Jacobian-weight schedule, normalisation of f, fixed-point correction."""
+import warnings
+
+import pytest
+import torch
+
+from conftest import inputs, make_contractive
+from deqfusion_core import DEQFusion
+from deqfusion_core.contraction import NotContractiveWarning, spectral_radius
+
+DIMS = [6, 8, 5]
+
+
+def model(dtype=torch.float64, seed=0, contractive=True, **kw):
+    torch.manual_seed(seed)
+    opts = dict(dim=8, num_groups=2, f_max_iter=100, f_tol=1e-10, jac_samples=0)
+    opts.update(kw)
+    m = DEQFusion(DIMS, **opts)
+    return (make_contractive(m) if contractive else m).to(dtype)
+
+
+def exact_radius(m, z_star, inj):
+    """max |eigenvalue| of the exact Jacobian df/dz at z_star, per sample (f acts per sample)."""
+    out = []
+    for i in range(z_star.shape[0]):
+        one = inj.select(torch.tensor([i]))
+        J = torch.autograd.functional.jacobian(lambda z: m.layer(z[None], one)[0], z_star[i])
+        out.append(torch.linalg.eigvals(J).abs().max())
+    return torch.stack(out)
+
+
+# -- 1. evaluation cap ------------------------------------------------------------------------------------
+def test_eval_cap_is_used_in_eval_mode_only_and_reported():
+    m = model(f_max_iter=3, f_max_iter_eval=40, f_tol=1e-12)
+    xs = inputs(DIMS, dtype=torch.float64)
+    train = m.train()(xs)
+    assert train.stats.max_iter == 3 and train.stats.nstep == 3
+    ev = m.eval()(xs)
+    assert ev.stats.max_iter == 40 and 3 < ev.stats.nstep <= 40
+    assert ev.stats.rel_residual < train.stats.rel_residual
+    m.f_max_iter = 5                       # the training cap can change; the eval cap stays
+    assert m.eval()(xs).stats.max_iter == 40 and m.train()(xs).stats.max_iter == 5
+
+
+def test_eval_cap_default_is_the_training_cap():
+    m = model(f_max_iter=4, f_tol=1e-12).eval()
+    assert m(inputs(DIMS, dtype=torch.float64)).stats.max_iter == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "10"])
+def test_eval_cap_is_validated(bad):
+    with pytest.raises(ValueError, match="f_max_iter_eval"):
+        DEQFusion(DIMS, dim=8, num_groups=2, f_max_iter_eval=bad)
+
+
+# -- 2. spectral radius -----------------------------------------------------------------------------------
+def test_spectral_radius_of_a_linear_map_with_known_eigenvalues():
+    g = torch.Generator().manual_seed(0)
+    B, L = 3, 12
+    radii = torch.tensor([0.5, 0.9, 1.3], dtype=torch.float64)
+    # A_b = Q diag(eigs) Q^-1 with a non-orthogonal Q: non-normal, so the norm of A differs from rho
+    Q = torch.randn(B, L, L, generator=g, dtype=torch.float64) + 3 * torch.eye(L, dtype=torch.float64)
+    eigs = torch.rand(B, L, generator=g, dtype=torch.float64) * 0.4 * radii[:, None]
+    eigs[:, 0] = radii
+    A = Q @ torch.diag_embed(eigs) @ torch.linalg.inv(Q)
+    c = torch.randn(B, L, generator=g, dtype=torch.float64)
+    layer = lambda z, inj: torch.bmm(A, z[:, :, None])[:, :, 0] + c
+    assert (torch.linalg.matrix_norm(A, ord=2) > radii * 1.2).all()
+    est = spectral_radius(layer, torch.zeros(B, L, dtype=torch.float64), None, iters=200,
+                          generator=torch.Generator().manual_seed(1))
+    assert est.shape == (B,)
+    torch.testing.assert_close(est, radii, rtol=0.02, atol=0)
+
+
+def test_spectral_radius_of_the_fusion_map_matches_its_exact_jacobian():
+    m = model(contractive=False, f_max_iter=300, f_tol=1e-12).eval()
+    with torch.no_grad():   # larger output gains: rho > 1 on most samples
+        for gn in [b.gn3 for b in m.blocks] + [m.fusion.gn]:
+            gn.weight.mul_(2.0)
+    xs = inputs([6, 8, 5], batch=5, dtype=torch.float64)
+    inj = m.inject(xs)
+    z = m.solve(torch.zeros(5, m.state_width, dtype=torch.float64), inj).z
+    exact = exact_radius(m, z, inj)
+    est = spectral_radius(m.layer, z, inj, iters=60, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(est, exact, rtol=0.05, atol=0)
+
+
+def test_spectral_radius_option_reports_and_warns():
+    m = model(spectral_radius_iters=30, contractive=True)
+    xs = inputs(DIMS, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotContractiveWarning)
+        out = m(xs)
+    rho = out.stats.spectral_radius
+    assert rho.shape == (4,) and (rho > 0).all() and (rho < 1).all()
+    d = out.stats.as_dict()
+    assert d["spectral_radius_max"] == pytest.approx(float(rho.max()))
+    assert d["spectral_radius_median"] == pytest.approx(float(rho.median()))
+    assert "spectral radius max" in str(out.stats)
+    assert model()(xs).stats.spectral_radius is None and "spectral_radius_max" not in model()(xs).stats.as_dict()
+    # scaled-up output gains: not contractive, warned with the value
+    hot = model(spectral_radius_iters=30, contractive=False)
+    with torch.no_grad():
+        for gn in [b.gn3 for b in hot.blocks] + [hot.fusion.gn]:
+            gn.weight.mul_(4.0)
+    with pytest.warns(NotContractiveWarning, match=r"spectral radius of df/dz estimated at \d"):
+        out = hot(xs)
+    assert out.stats.spectral_radius_max >= 1
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_spectral_radius_iters_is_validated(bad):
+    with pytest.raises(ValueError, match="spectral_radius_iters"):
+        DEQFusion(DIMS, dim=8, num_groups=2, spectral_radius_iters=bad)
+    with pytest.raises(ValueError, match="iters"):
+        spectral_radius(lambda z, inj: z, torch.zeros(2, 3), None, iters=0)
