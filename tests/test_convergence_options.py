@@ -115,3 +115,69 @@ def test_spectral_radius_iters_is_validated(bad):
         DEQFusion(DIMS, dim=8, num_groups=2, spectral_radius_iters=bad)
     with pytest.raises(ValueError, match="iters"):
         spectral_radius(lambda z, inj: z, torch.zeros(2, 3), None, iters=0)
+
+
+# -- 4. stagnation detection (Anderson) -------------------------------------------------------------------
+from deqfusion_core.solvers import anderson  # noqa: E402
+
+A_STAR = torch.tensor([[1.0], [-2.0], [0.5], [3.0]], dtype=torch.float64)
+
+
+def atan_map(z, rows):
+    """f(z) = z - atan(z - a): a contraction (0 <= f' < 1) with fixed point a, on which plain iteration
+    converges but Anderson (a secant method in 1-D) cycles from far starts, as Newton does on atan."""
+    return z - torch.atan(z - (A_STAR if rows is None else A_STAR[rows]))
+
+
+def run_atan(x0, **kw):
+    with torch.no_grad():
+        return anderson(atan_map, torch.full((4, 1), x0, dtype=torch.float64), max_iter=60, tol=1e-10,
+                        stop="abs", m=5, **kw)
+
+
+def test_stagnation_is_detected_and_restart_then_fallback_recovers():
+    plain = run_atan(10.0)
+    assert not plain.converged and (plain.abs_residuals > 0.5).sum() >= 3   # Anderson cycles
+    fixed = run_atan(10.0, stall=5)
+    assert fixed.converged and (fixed.abs_residuals <= 1e-10).all()
+    torch.testing.assert_close(fixed.z, A_STAR, rtol=0, atol=1e-9)
+    assert fixed.restarted == 4 and fixed.fell_back == 4
+    assert plain.restarted is None and plain.fell_back is None
+
+
+def test_restart_alone_recovers_a_stalled_sample():
+    plain, fixed = run_atan(20.0), run_atan(20.0, stall=5)
+    assert plain.abs_residuals[1] > 1.0 and not plain.converged
+    assert fixed.converged and fixed.restarted == 1 and fixed.fell_back == 0
+    for i in (0, 2, 3):   # the samples that never stalled: bit-identical
+        assert torch.equal(plain.z[i], fixed.z[i]) and torch.equal(plain.abs_residuals[i], fixed.abs_residuals[i])
+
+
+def test_stagnation_detection_changes_nothing_when_nothing_stalls():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 20, 20, generator=g, dtype=torch.float64)
+    A = 0.9 * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+    c = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    f = lambda z, rows: torch.bmm(A if rows is None else A[rows], z[:, :, None])[:, :, 0] + (c if rows is None else c[rows])
+    z0 = torch.zeros(6, 20, dtype=torch.float64)
+    with torch.no_grad():
+        plain = anderson(f, z0, max_iter=100, tol=1e-10, m=5)
+        watched = anderson(f, z0, max_iter=100, tol=1e-10, m=5, stall=10)
+    assert watched.restarted == 0 and watched.fell_back == 0
+    assert plain.nstep == watched.nstep and torch.equal(plain.z, watched.z)
+    assert torch.equal(plain.rel_residuals, watched.rel_residuals)
+
+
+@pytest.mark.parametrize("opt", [dict(stall=-1), dict(stall=2.5), dict(stall=5, stall_factor=0.0),
+                                 dict(stall=5, stall_factor=1.5), dict(stall=5, stall_damping=0.0)])
+def test_stagnation_options_are_validated(opt):
+    with pytest.raises(ValueError, match=sorted(opt)[-1] if len(opt) > 1 else "stall"):
+        run_atan(1.0, **opt)
+
+
+def test_stagnation_counts_reach_deqfusion_stats():
+    m = model(solver_options={"stall": 5})
+    out = m(inputs(DIMS, dtype=torch.float64))
+    assert out.stats.converged and out.stats.restarted == 0 and out.stats.fell_back == 0
+    assert out.stats.as_dict()["restarted"] == 0
+    assert "restarted" not in model()(inputs(DIMS, dtype=torch.float64)).stats.as_dict()
