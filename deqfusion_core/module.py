@@ -10,7 +10,7 @@ import torch
 from .contraction import spectral_radius, warn_if_not_contractive
 from .fusion_map import FusionMap, GateTrace, Injection, RowMap
 from .gradients import WEIGHT_TIED, get_gradient
-from .jacobian import attach_aux_loss
+from .jacobian import attach_aux_loss, get_jac_schedule
 from .solvers import SolveConfig
 from .stats import SolveResult, SolverStats
 
@@ -58,6 +58,12 @@ class DEQFusion(FusionMap):
         jac_weight: if > 0, ``jac_weight * jac_loss`` is attached to the fused tensor's backward so an
             unmodified ``loss.backward()`` includes it (then do not add ``jac_loss`` to the loss yourself).
         track_gates: record the mean gate value per modality at each solver step (``stats.gates``).
+        jac_schedule, jac_weight_final, jac_schedule_steps: the Jacobian weight over training (ours; the paper
+            keeps it fixed): a schedule of ``jacobian.JAC_SCHEDULES`` (``constant``, ``linear``, ``cosine``) from
+            the start weight (``jac_weight``, or an integration's own) to ``jac_weight_final`` over
+            ``jac_schedule_steps`` training forwards. The count is the buffer ``jac_forwards`` (kept in
+            checkpoints; only registered for a schedule other than ``constant``); ``current_jac_weight`` is the
+            weight of the latest training forward, ``jac_weight_at(start)`` the same from another start weight.
         f_max_iter_eval: the forward iteration cap in eval mode (``not self.training``); ``None``: ``f_max_iter``.
             Ours (the paper uses one cap). ``stats.max_iter`` reports the cap a forward used.
         spectral_radius_iters: if > 0, after each forward solve estimate the spectral radius of df/dz at z*
@@ -92,7 +98,8 @@ class DEQFusion(FusionMap):
                  phantom_steps: int = 5, phantom_damping: float = 0.8,
                  jac_samples: int = 1, jac_weight: float = 0.0, track_gates: bool = False,
                  extrapolate_warm_start: bool = True, f_max_iter_eval: int | None = None,
-                 spectral_radius_iters: int = 0):
+                 spectral_radius_iters: int = 0, jac_schedule: str = "constant",
+                 jac_weight_final: float | None = None, jac_schedule_steps: int = 0):
         super().__init__(input_dims, dim, num_groups=num_groups, dropout=dropout, modality_blocks=modality_blocks,
                          fuse_block=fuse_block, gating=gating)
         self.forward_solve = SolveConfig(solver, f_max_iter, f_tol, f_stop, dict(solver_options or {}),
@@ -114,6 +121,17 @@ class DEQFusion(FusionMap):
         if not isinstance(spectral_radius_iters, int) or isinstance(spectral_radius_iters, bool) \
                 or spectral_radius_iters < 0:
             raise ValueError(f"spectral_radius_iters: must be an int >= 0, got {spectral_radius_iters!r}")
+        get_jac_schedule(jac_schedule)
+        if jac_schedule != "constant":
+            if not isinstance(jac_weight_final, (int, float)) or isinstance(jac_weight_final, bool) \
+                    or jac_weight_final < 0:
+                raise ValueError(f"jac_weight_final: schedule {jac_schedule!r} needs a number >= 0, "
+                                 f"got {jac_weight_final!r}")
+            if not isinstance(jac_schedule_steps, int) or isinstance(jac_schedule_steps, bool) \
+                    or jac_schedule_steps < 1:
+                raise ValueError(f"jac_schedule_steps: schedule {jac_schedule!r} needs an int >= 1, "
+                                 f"got {jac_schedule_steps!r}")
+            self.register_buffer("jac_forwards", torch.zeros((), dtype=torch.long))
         if not 0 < phantom_damping <= 1:
             raise ValueError(f"phantom_damping: must be in (0, 1], got {phantom_damping!r}")
         self.equilibrium, self.num_layers = equilibrium, num_layers
@@ -121,6 +139,8 @@ class DEQFusion(FusionMap):
         self.jac_samples, self.jac_weight, self.track_gates = jac_samples, jac_weight, track_gates
         self.extrapolate_warm_start = extrapolate_warm_start
         self.f_max_iter_eval, self.spectral_radius_iters = f_max_iter_eval, spectral_radius_iters
+        self.jac_schedule, self.jac_weight_final, self.jac_schedule_steps = jac_schedule, jac_weight_final, \
+            jac_schedule_steps
 
     def extra_repr(self) -> str:
         return (f"input_dims={self.input_dims}, dim={self.dim}, solver={self.solver}, f_max_iter={self.f_max_iter}, "
@@ -130,6 +150,9 @@ class DEQFusion(FusionMap):
     def forward(self, xs: Sequence[torch.Tensor], z0: torch.Tensor | None = None,
                 warm_start: SolverStats | None = None) -> DEQFusionOutput:
         inj = self.inject(self._check_inputs(xs))
+        if self.training and self.jac_schedule != "constant":
+            with torch.no_grad():
+                self.jac_forwards += 1
         z0 = self._initial_state(inj, z0, warm_start)
         gradient = get_gradient(self.backward) if self.equilibrium else WEIGHT_TIED
         z, res, jac, backward, solved = gradient(self, z0, inj, warm_start)
@@ -143,8 +166,8 @@ class DEQFusion(FusionMap):
         fused = self.fused(z)
         if jac is None:
             jac = z.new_zeros(())
-        elif self.jac_weight > 0:
-            fused = attach_aux_loss(fused, jac, self.jac_weight)
+        elif self.current_jac_weight > 0:
+            fused = attach_aux_loss(fused, jac, self.current_jac_weight)
         return DEQFusionOutput(fused, jac, stats)
 
     # torch.compile: the solver's data-dependent loop (per-sample stopping changes shapes every few steps)
@@ -157,6 +180,19 @@ class DEQFusion(FusionMap):
             res = self.active_solve.run(RowMap(self.layer, inj, gates), z0)
         res.gates = [] if gates is None else gates.means
         return res
+
+    def jac_weight_at(self, start: float) -> float:
+        """The scheduled Jacobian weight of the latest training forward (before any: of the first), starting
+        from ``start`` (``jac_weight``, or an integration adapter's own weight)."""
+        if self.jac_schedule == "constant":
+            return start
+        step = max(int(self.jac_forwards) - 1, 0)
+        return get_jac_schedule(self.jac_schedule)(start, self.jac_weight_final, step, self.jac_schedule_steps)
+
+    @property
+    def current_jac_weight(self) -> float:
+        """``jac_weight`` as scheduled at the latest training forward (``jac_weight`` without a schedule)."""
+        return self.jac_weight_at(self.jac_weight)
 
     @property
     def active_solve(self) -> SolveConfig:

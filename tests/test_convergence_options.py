@@ -181,3 +181,72 @@ def test_stagnation_counts_reach_deqfusion_stats():
     assert out.stats.converged and out.stats.restarted == 0 and out.stats.fell_back == 0
     assert out.stats.as_dict()["restarted"] == 0
     assert "restarted" not in model()(inputs(DIMS, dtype=torch.float64)).stats.as_dict()
+
+
+# -- 5. Jacobian-weight schedule --------------------------------------------------------------------------
+from deqfusion_core.jacobian import JAC_SCHEDULES, get_jac_schedule  # noqa: E402
+
+
+def test_jac_schedules():
+    assert set(JAC_SCHEDULES) >= {"constant", "linear", "cosine"}
+    lin, cos = get_jac_schedule("linear"), get_jac_schedule("cosine")
+    assert [lin(1.0, 5.0, s, 4) for s in (0, 1, 2, 4, 9)] == [1.0, 2.0, 3.0, 5.0, 5.0]
+    assert cos(1.0, 5.0, 0, 4) == 1.0 and cos(1.0, 5.0, 2, 4) == pytest.approx(3.0) and cos(1.0, 5.0, 7, 4) == 5.0
+    assert get_jac_schedule("constant")(2.0, 9.0, 3, 4) == 2.0
+    with pytest.raises(ValueError, match="jac_schedule: unknown schedule 'step'"):
+        get_jac_schedule("step")
+
+
+def test_deqfusion_counts_training_forwards_and_attaches_the_scheduled_weight():
+    m = model(jac_samples=1, jac_weight=1.0, jac_schedule="linear", jac_weight_final=3.0, jac_schedule_steps=2,
+              f_tol=1e-8)
+    xs = inputs(DIMS, dtype=torch.float64)
+    assert m.current_jac_weight == 1.0
+    weights = []
+    for _ in range(4):
+        m.train()
+        torch.manual_seed(5)            # the same Hutchinson probe in both backwards
+        out = m(xs)
+        weights.append(m.current_jac_weight)
+        m.zero_grad()
+        out.fused.sum().backward()       # the scheduled term rides along
+        attached = [p.grad.clone() for p in m.parameters()]
+        torch.manual_seed(5)
+        m.jac_schedule, m.jac_weight = "constant", 0.0   # the same forward, uncounted, nothing attached:
+        ref = m(xs)                                      # the term added by hand
+        m.jac_schedule, m.jac_weight = "linear", 1.0
+        m.zero_grad()
+        (ref.fused.sum() + weights[-1] * ref.jac_loss).backward()
+        for a, b in zip(attached, [p.grad for p in m.parameters()]):
+            torch.testing.assert_close(a, b)
+        m.eval()(xs)                      # eval forwards are not counted
+    assert weights == [1.0, 2.0, 3.0, 3.0] and int(m.jac_forwards) == 4
+    state = m.state_dict()
+    assert int(state["jac_forwards"]) == 4
+    fresh = model(jac_samples=1, jac_weight=1.0, jac_schedule="linear", jac_weight_final=3.0, jac_schedule_steps=2)
+    fresh.load_state_dict(state)
+    assert fresh.current_jac_weight == 3.0
+    assert "jac_forwards" not in model().state_dict()       # the default keeps checkpoints as they were
+
+
+@pytest.mark.parametrize("kw,name", [(dict(jac_schedule="nope"), "jac_schedule"),
+                                     (dict(jac_schedule="linear", jac_schedule_steps=3), "jac_weight_final"),
+                                     (dict(jac_schedule="linear", jac_weight_final=1.0), "jac_schedule_steps")])
+def test_jac_schedule_is_validated(kw, name):
+    with pytest.raises(ValueError, match=name):
+        DEQFusion(DIMS, dim=8, num_groups=2, **kw)
+
+
+def test_fusion_adapter_reports_the_scheduled_weight():
+    from deqfusion_core.integration import FusionAdapter
+
+    adapter = FusionAdapter(DIMS, 8, {"jac_weight": 2.0, "jac_schedule": "linear", "jac_weight_final": 0.0,
+                                      "jac_schedule_steps": 4, "num_groups": 2, "jac_samples": 1})
+    assert adapter.jac_weight == 2.0 and adapter.deq.jac_weight == 0.0     # the adapter owns the weight
+    make_contractive(adapter.deq)
+    xs = inputs(DIMS)
+    seen = []
+    for _ in range(3):
+        adapter.train().fuse(xs)
+        seen.append(adapter.current_jac_weight)
+    assert seen == [2.0, 1.5, 1.0]
