@@ -9,6 +9,7 @@ EXPORTS = {
     "solve": "solvers", "Tracker": "solvers",
     "GRADIENTS": "gradients", "register_gradient": "gradients", "get_gradient": "gradients",
     "attach_aux_loss": "jacobian", "jacobian_loss": "jacobian",
+    "spectral_radius": "contraction", "NotContractiveWarning": "contraction",
     "plot_convergence": "plot", "plot_gates": "plot",
     "Integration": "integration", "Upstream": "integration", "UpstreamNotFound": "integration",
     "FusionAdapter": "integration", "FusionOptions": "options",

@@ -246,7 +246,7 @@ class FusionAdapter(nn.Module):
     Jacobian policy (``jacobian``): ``"attach"`` (default) attaches ``jac_weight * jacobian_scale(xs) *
     jac_loss`` to the fused tensor's backward, as the core's ``jac_weight`` does, so the upstream's untouched
     ``loss.backward()`` includes it; ``"report"`` attaches nothing: the framework's own loss adds
-    ``jac_weight * last_jac_loss`` (a loss entry, an objective, a criterion).
+    ``current_jac_weight * last_jac_loss`` (a loss entry, an objective, a criterion).
     """
 
     label = "DEQ"          # names the upstream in the non-convergence warning
@@ -271,8 +271,14 @@ class FusionAdapter(nn.Module):
         self.last_stats, self.last_jac_loss = stats, jac_loss
         self.nonconvergence.check(stats)
         if self.jacobian == "attach":
-            fused = attach_aux_loss(fused, jac_loss, self.jac_weight * self.jacobian_scale(xs))
+            fused = attach_aux_loss(fused, jac_loss, self.current_jac_weight * self.jacobian_scale(xs))
         return fused
+
+    @property
+    def current_jac_weight(self) -> float:
+        """``jac_weight`` as DEQFusion's Jacobian-weight schedule (``jac_schedule``) has it at the latest
+        training forward; ``jac_weight`` itself without a schedule. Readers of ``last_jac_loss`` weight it so."""
+        return self.deq.jac_weight_at(self.jac_weight)
 
     def jacobian_scale(self, xs: Sequence[torch.Tensor]) -> float:
         """The Jacobian weight's multiplier for this batch (1; an upstream whose loss is a sum: the batch size)."""

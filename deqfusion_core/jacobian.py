@@ -1,8 +1,48 @@
 """The Jacobian regulariser (Hutchinson estimate of ||df/dz||_F^2) and a way to put any auxiliary
-loss into an unmodified ``loss.backward()``."""
+loss into an unmodified ``loss.backward()``, and schedules of the Jacobian term's weight over training."""
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
+
+__all__ = ["jacobian_loss", "attach_aux_loss", "JAC_SCHEDULES", "register_jac_schedule", "get_jac_schedule"]
+
+# schedule(start, final, step, steps) -> the weight at training forward ``step`` (0-based) of ``steps``
+JAC_SCHEDULES: dict[str, Callable[[float, float, int, int], float]] = {}
+
+
+def register_jac_schedule(name: str):
+    def deco(fn):
+        JAC_SCHEDULES[name] = fn
+        return fn
+    return deco
+
+
+def get_jac_schedule(name: str):
+    try:
+        return JAC_SCHEDULES[name]
+    except KeyError:
+        raise ValueError(f"jac_schedule: unknown schedule {name!r}; known: {', '.join(sorted(JAC_SCHEDULES))}") from None
+
+
+@register_jac_schedule("constant")
+def constant(start: float, final: float, step: int, steps: int) -> float:
+    """``start`` throughout (the paper's fixed weight)."""
+    return start
+
+
+@register_jac_schedule("linear")
+def linear(start: float, final: float, step: int, steps: int) -> float:
+    """From ``start`` to ``final`` linearly over ``steps`` training forwards, then ``final``."""
+    return start + (final - start) * min(step / steps, 1.0)
+
+
+@register_jac_schedule("cosine")
+def cosine(start: float, final: float, step: int, steps: int) -> float:
+    """From ``start`` to ``final`` along half a cosine over ``steps`` training forwards, then ``final``."""
+    return final + (start - final) * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
 
 
 def jacobian_loss(fz: torch.Tensor, z: torch.Tensor, samples: int = 1, create_graph: bool = True) -> torch.Tensor:

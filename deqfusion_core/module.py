@@ -7,9 +7,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from .contraction import spectral_radius, warn_if_not_contractive
 from .fusion_map import FusionMap, GateTrace, Injection, RowMap
 from .gradients import WEIGHT_TIED, get_gradient
-from .jacobian import attach_aux_loss
+from .jacobian import attach_aux_loss, get_jac_schedule
 from .solvers import SolveConfig
 from .stats import SolveResult, SolverStats
 
@@ -57,6 +58,18 @@ class DEQFusion(FusionMap):
         jac_weight: if > 0, ``jac_weight * jac_loss`` is attached to the fused tensor's backward so an
             unmodified ``loss.backward()`` includes it (then do not add ``jac_loss`` to the loss yourself).
         track_gates: record the mean gate value per modality at each solver step (``stats.gates``).
+        jac_schedule, jac_weight_final, jac_schedule_steps: the Jacobian weight over training (ours; the paper
+            keeps it fixed): a schedule of ``jacobian.JAC_SCHEDULES`` (``constant``, ``linear``, ``cosine``) from
+            the start weight (``jac_weight``, or an integration's own) to ``jac_weight_final`` over
+            ``jac_schedule_steps`` training forwards. The count is the buffer ``jac_forwards`` (kept in
+            checkpoints; only registered for a schedule other than ``constant``); ``current_jac_weight`` is the
+            weight of the latest training forward, ``jac_weight_at(start)`` the same from another start weight.
+        f_max_iter_eval: the forward iteration cap in eval mode (``not self.training``); ``None``: ``f_max_iter``.
+            Ours (the paper uses one cap). ``stats.max_iter`` reports the cap a forward used.
+        spectral_radius_iters: if > 0, after each forward solve estimate the spectral radius of df/dz at z*
+            per sample by that many power iterations on the VJP (``contraction.spectral_radius``; no gradient,
+            one f application and ``spectral_radius_iters`` VJPs) into ``stats.spectral_radius`` [B], and warn
+            (:class:`~deqfusion_core.contraction.NotContractiveWarning`) when its max is >= 1. 0: off.
 
     ``forward(xs, z0=None, warm_start=None)`` returns ``DEQFusionOutput(fused, jac_loss, stats)``.
     ``z0`` is an initial state (e.g. ``stats.state`` of an earlier call on the same samples);
@@ -84,7 +97,9 @@ class DEQFusion(FusionMap):
                  b_max_iter: int = 30, b_tol: float = 1e-4, b_solver_options: dict | None = None,
                  phantom_steps: int = 5, phantom_damping: float = 0.8,
                  jac_samples: int = 1, jac_weight: float = 0.0, track_gates: bool = False,
-                 extrapolate_warm_start: bool = True):
+                 extrapolate_warm_start: bool = True, f_max_iter_eval: int | None = None,
+                 spectral_radius_iters: int = 0, jac_schedule: str = "constant",
+                 jac_weight_final: float | None = None, jac_schedule_steps: int = 0):
         super().__init__(input_dims, dim, num_groups=num_groups, dropout=dropout, modality_blocks=modality_blocks,
                          fuse_block=fuse_block, gating=gating)
         self.forward_solve = SolveConfig(solver, f_max_iter, f_tol, f_stop, dict(solver_options or {}),
@@ -100,12 +115,32 @@ class DEQFusion(FusionMap):
             raise ValueError(f"jac_samples: must be an int >= 0, got {jac_samples!r}")
         if jac_weight < 0:
             raise ValueError(f"jac_weight: must be >= 0, got {jac_weight!r}")
+        if f_max_iter_eval is not None and (not isinstance(f_max_iter_eval, int) or isinstance(f_max_iter_eval, bool)
+                                            or f_max_iter_eval < 1):
+            raise ValueError(f"f_max_iter_eval: must be None or an int >= 1, got {f_max_iter_eval!r}")
+        if not isinstance(spectral_radius_iters, int) or isinstance(spectral_radius_iters, bool) \
+                or spectral_radius_iters < 0:
+            raise ValueError(f"spectral_radius_iters: must be an int >= 0, got {spectral_radius_iters!r}")
+        get_jac_schedule(jac_schedule)
+        if jac_schedule != "constant":
+            if not isinstance(jac_weight_final, (int, float)) or isinstance(jac_weight_final, bool) \
+                    or jac_weight_final < 0:
+                raise ValueError(f"jac_weight_final: schedule {jac_schedule!r} needs a number >= 0, "
+                                 f"got {jac_weight_final!r}")
+            if not isinstance(jac_schedule_steps, int) or isinstance(jac_schedule_steps, bool) \
+                    or jac_schedule_steps < 1:
+                raise ValueError(f"jac_schedule_steps: schedule {jac_schedule!r} needs an int >= 1, "
+                                 f"got {jac_schedule_steps!r}")
+            self.register_buffer("jac_forwards", torch.zeros((), dtype=torch.long))
         if not 0 < phantom_damping <= 1:
             raise ValueError(f"phantom_damping: must be in (0, 1], got {phantom_damping!r}")
         self.equilibrium, self.num_layers = equilibrium, num_layers
         self.backward, self.phantom_steps, self.phantom_damping = backward, phantom_steps, phantom_damping
         self.jac_samples, self.jac_weight, self.track_gates = jac_samples, jac_weight, track_gates
         self.extrapolate_warm_start = extrapolate_warm_start
+        self.f_max_iter_eval, self.spectral_radius_iters = f_max_iter_eval, spectral_radius_iters
+        self.jac_schedule, self.jac_weight_final, self.jac_schedule_steps = jac_schedule, jac_weight_final, \
+            jac_schedule_steps
 
     def extra_repr(self) -> str:
         return (f"input_dims={self.input_dims}, dim={self.dim}, solver={self.solver}, f_max_iter={self.f_max_iter}, "
@@ -115,17 +150,24 @@ class DEQFusion(FusionMap):
     def forward(self, xs: Sequence[torch.Tensor], z0: torch.Tensor | None = None,
                 warm_start: SolverStats | None = None) -> DEQFusionOutput:
         inj = self.inject(self._check_inputs(xs))
+        if self.training and self.jac_schedule != "constant":
+            with torch.no_grad():
+                self.jac_forwards += 1
         z0 = self._initial_state(inj, z0, warm_start)
         gradient = get_gradient(self.backward) if self.equilibrium else WEIGHT_TIED
         z, res, jac, backward, solved = gradient(self, z0, inj, warm_start)
         previous = warm_start.state if solved and warm_start is not None and warm_start.converged else None
-        stats = self.forward_solve.stats(res, state=res.z.detach(), previous_state=previous,
-                                         backward_report=backward)
+        rho = None
+        if self.spectral_radius_iters and self.equilibrium:
+            rho = spectral_radius(self.layer, res.z, inj, self.spectral_radius_iters)
+            warn_if_not_contractive(rho)
+        stats = self.active_solve.stats(res, state=res.z.detach(), previous_state=previous,
+                                        backward_report=backward, spectral_radius=rho)
         fused = self.fused(z)
         if jac is None:
             jac = z.new_zeros(())
-        elif self.jac_weight > 0:
-            fused = attach_aux_loss(fused, jac, self.jac_weight)
+        elif self.current_jac_weight > 0:
+            fused = attach_aux_loss(fused, jac, self.current_jac_weight)
         return DEQFusionOutput(fused, jac, stats)
 
     # torch.compile: the solver's data-dependent loop (per-sample stopping changes shapes every few steps)
@@ -135,9 +177,35 @@ class DEQFusion(FusionMap):
         """The forward root solve from z0, without an autograd tape (``forward_solve`` settings)."""
         gates = GateTrace(z0.shape[0], self.num_modalities, z0.device) if self.track_gates else None
         with torch.no_grad():
-            res = self.forward_solve.run(RowMap(self.layer, inj, gates), z0)
+            res = self.active_solve.run(RowMap(self.layer, inj, gates), z0)
         res.gates = [] if gates is None else gates.means
         return res
+
+    def jac_weight_at(self, start: float) -> float:
+        """The scheduled Jacobian weight of the latest training forward (before any: of the first), starting
+        from ``start`` (``jac_weight``, or an integration adapter's own weight)."""
+        if self.jac_schedule == "constant":
+            return start
+        step = max(int(self.jac_forwards) - 1, 0)
+        return get_jac_schedule(self.jac_schedule)(start, self.jac_weight_final, step, self.jac_schedule_steps)
+
+    @property
+    def current_jac_weight(self) -> float:
+        """``jac_weight`` as scheduled at the latest training forward (``jac_weight`` without a schedule)."""
+        return self.jac_weight_at(self.jac_weight)
+
+    @property
+    def active_solve(self) -> SolveConfig:
+        """The forward solve's settings for the current mode: ``forward_solve``, with the cap ``f_max_iter_eval``
+        in eval mode when that is set."""
+        cap = self.f_max_iter_eval
+        if self.training or cap is None or cap == self.forward_solve.max_iter:
+            return self.forward_solve
+        cached = self.__dict__.get("_eval_solve")
+        if cached is None or cached[0] is not self.forward_solve or cached[1] != cap:
+            cached = (self.forward_solve, cap, self.forward_solve.replace(max_iter=cap))
+            self.__dict__["_eval_solve"] = cached
+        return cached[2]
 
     # -- inputs and the initial state -----------------------------------------------------------------
     def _check_inputs(self, xs) -> list[torch.Tensor]:

@@ -26,7 +26,8 @@ import torch
 from .stats import DEQConvergenceError, SolveResult, SolverStats
 
 __all__ = ["SOLVERS", "register_solver", "get_solver", "solve", "SolveConfig", "Tracker",
-           "fixed_point", "anderson", "broyden"]
+           "fixed_point", "anderson", "broyden",
+           "Stagnation"]
 
 FixedPointMap = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 SOLVERS: dict[str, Callable[..., SolveResult]] = {}
@@ -126,6 +127,7 @@ class Tracker:
         abs_res = g.norm(dim=1)
         rel_res = abs_res / (fx.norm(dim=1) + self.eps)
         res = rel_res if self.stop == "rel" else abs_res
+        self.last_res = res   # this step's residual per working-set row (before any compaction)
         if self.autograd:  # the caller returns its last iterate: report its step
             self.best_abs, self.best_rel = abs_res, rel_res
         else:
@@ -202,17 +204,25 @@ def fixed_point(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: 
 
 @register_solver("anderson")
 def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3, stop: str = "rel",
-             m: int = 5, lam: float = 1e-4, beta: float = 1.0) -> SolveResult:
+             m: int = 5, lam: float = 1e-4, beta: float = 1.0, stall: int = 0, stall_factor: float = 0.9,
+             stall_damping: float = 0.5) -> SolveResult:
     """Anderson acceleration (type II) with history ``m``, Tikhonov regularisation ``lam`` (relative to the
     mean squared residual in the history) and mixing ``beta``.
 
     Each sample's mixing coefficients come from its own ``(m+1) x (m+1)`` bordered least-squares system.
     The histories of f(x) and of the residuals g = f(x) - x are kept, and their Gram matrix is updated
     one row per step, so a step reads the history twice (one Gram row, one mixing) besides evaluating f.
+
+    Stagnation (ours; ``stall`` > 0, :class:`Stagnation`): a sample whose residual has not fallen below
+    ``stall_factor`` times its best one for ``stall`` steps has stalled. The first time, its history is
+    dropped (a restart from its current iterate); the second time, it leaves Anderson for damped
+    fixed-point iteration z <- z + ``stall_damping`` (f(z) - z), from its best iterate so far. ``SolveResult.restarted`` / ``fell_back``
+    count the samples. Samples that never stall get bit-identical iterates to ``stall=0``.
     """
     if m < 1:
         raise ValueError(f"m: Anderson history must be >= 1, got {m}")
     t = Tracker(z0, tol, stop, max_iter)
+    watch = Stagnation(z0, m, stall, stall_factor, stall_damping) if stall else None
     B, L = z0.shape
     F = z0.new_zeros(B, m, L)      # f(x) history
     G = z0.new_zeros(B, m, L)      # residual history
@@ -226,9 +236,13 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
         g = torch.sub(fx, x, out=G[:, j])
         compact = t.update(x, fx, g)
         if t.done:
-            return t.result()
+            return t.result() if watch is None else watch.report(t.result())
+        if watch is not None:
+            watch.step(t.last_res, j)
         if compact is not None:
             F, G, GG = compact(F), compact(G), compact(GG)
+            if watch is not None:
+                watch.compact(compact)
         k += 1
         n = min(k, m)
         # the new residual against the history, as a row vector times G^T (10x faster than G @ g on CPU)
@@ -236,6 +250,8 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
         GG[:, j, :n], GG[:, :n, j] = row, row
         if n == 1:
             x = F[:, j] if beta == 1.0 else F[:, j] - (1 - beta) * G[:, j]
+            if watch is not None:
+                x = watch.damp(x, F[:, j], G[:, j], t)
             continue
         H = GG.new_zeros(GG.shape[0], n + 1, n + 1)
         H[:, 0, 1:] = H[:, 1:, 0] = 1
@@ -243,12 +259,84 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
         # Regularise relative to the residuals' scale, so the mixing stays sharp as they shrink.
         ridge = lam * GG[:, :n, :n].diagonal(dim1=1, dim2=2).mean(1, keepdim=True) + torch.finfo(GG.dtype).tiny
         H[:, 1:, 1:].diagonal(dim1=1, dim2=2).add_(ridge)
+        if watch is not None:
+            watch.mask(H, n)
         y = GG.new_zeros(GG.shape[0], n + 1, 1)
         y[:, 0] = 1
         alpha = torch.linalg.solve(H, y)[:, 1:].transpose(1, 2)  # [b, 1, n], sums to 1
         x = torch.bmm(alpha, F[:, :n])[:, 0]                     # beta * alpha F + (1 - beta) * alpha X,
         if beta != 1.0:                                          # with X = F - G
             x = x - (1 - beta) * torch.bmm(alpha, G[:, :n])[:, 0]
+        if watch is not None:
+            x = watch.damp(x, F[:, j], G[:, j], t)
+
+
+class Stagnation:
+    """Per-sample stagnation detection for :func:`anderson` (``stall`` > 0), restart and fallback.
+
+    Each working-set row keeps ``mark``, its residual at its last improvement (a residual below ``factor``
+    times ``mark``), and ``since``, the steps since then. At ``since == stall`` the row stalls: the first
+    time its history slots are marked invalid except the newest (``valid``: the Anderson system gives them
+    zero weight, so the next mix is a plain step from the current iterate), the second time it falls back to
+    damped fixed-point iteration (``phase`` 2) from its best iterate so far. Everything is tensor work without host syncs; rows that
+    never stall keep their exact Anderson iterates (``torch.where`` picks the unmodified values).
+    """
+
+    def __init__(self, z0: torch.Tensor, m: int, stall: int, factor: float, damping: float):
+        if not isinstance(stall, int) or isinstance(stall, bool) or stall < 0:
+            raise ValueError(f"stall: must be an int >= 0, got {stall!r}")
+        if not 0 < factor <= 1:
+            raise ValueError(f"stall_factor: must be in (0, 1], got {factor!r}")
+        if not 0 < damping <= 1:
+            raise ValueError(f"stall_damping: must be in (0, 1], got {damping!r}")
+        B = z0.shape[0]
+        self.stall, self.factor, self.damping = stall, factor, damping
+        self.mark = torch.full((B,), float("inf"), dtype=z0.dtype, device=z0.device)
+        self.since = torch.zeros(B, dtype=torch.long, device=z0.device)
+        self.phase = torch.zeros(B, dtype=torch.long, device=z0.device)   # 0 Anderson, 1 restarted, 2 damped
+        self.valid = torch.ones(B, m, dtype=torch.bool, device=z0.device)
+        self.jump = torch.zeros(B, dtype=torch.bool, device=z0.device)   # rows falling back at this step
+        self.restarted = torch.zeros((), dtype=torch.long, device=z0.device)
+        self.fell_back = torch.zeros((), dtype=torch.long, device=z0.device)
+
+    def step(self, res: torch.Tensor, j: int) -> None:
+        """Record this step's residuals ``res`` (working set) whose f(x), residual went into slot ``j``."""
+        self.valid[:, j] = True
+        better = res < self.factor * self.mark
+        self.mark = torch.where(better, res, self.mark)
+        self.since = torch.where(better, torch.zeros_like(self.since), self.since + 1)
+        stalled = (self.since >= self.stall) & (self.phase < 2)
+        restart = stalled & (self.phase == 0)
+        self.restarted += restart.sum()
+        self.jump = stalled & (self.phase == 1)
+        self.fell_back += self.jump.sum()
+        self.phase = self.phase + stalled.long()
+        self.since = torch.where(stalled, torch.zeros_like(self.since), self.since)
+        keep_slot = torch.zeros_like(self.valid)
+        keep_slot[:, j] = True
+        self.valid &= ~restart[:, None] | keep_slot
+
+    def compact(self, compact) -> None:
+        self.mark, self.since, self.phase, self.valid, self.jump = (
+            compact(t) for t in (self.mark, self.since, self.phase, self.valid, self.jump))
+
+    def mask(self, H: torch.Tensor, n: int) -> None:
+        """Give the invalid slots of the bordered system ``H`` [b, n+1, n+1] zero weight, in place: their row
+        and column become those of the identity (alpha_i = 0 exactly)."""
+        bad = torch.cat([torch.zeros_like(self.valid[:, :1]), ~self.valid[:, :n]], 1)   # the border stays
+        eye = torch.eye(n + 1, dtype=H.dtype, device=H.device).expand_as(H)
+        H.copy_(torch.where(bad[:, :, None] | bad[:, None, :], eye, H))
+
+    def damp(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor, t: Tracker) -> torch.Tensor:
+        """Rows that fell back take the damped step ``fx - (1 - damping) g`` instead of ``x``; at the step they
+        fall back, they go back to their best iterate instead (a cycling Anderson may have left it far)."""
+        best = t.best if t.rows is None else t.best[t.rows]
+        x = torch.where((self.phase == 2)[:, None], fx - (1 - self.damping) * g, x)
+        return torch.where(self.jump[:, None], best, x)
+
+    def report(self, res: SolveResult) -> SolveResult:
+        res.restarted, res.fell_back = int(self.restarted), int(self.fell_back)
+        return res
 
 
 @register_solver("broyden")

@@ -26,6 +26,8 @@ class SolveResult:
     trace: list[torch.Tensor]       # per step: max over the batch of the (best so far) relative residual
     converged: bool                 # every sample reached the tolerance
     gates: list[torch.Tensor] = field(default_factory=list)  # per step [N] mean gate per modality
+    restarted: int | None = None    # samples whose history stagnation restarted (Anderson ``stall``; else None)
+    fell_back: int | None = None    # samples that fell back to damped iteration after a second stall
 
 
 class BackwardReport:
@@ -75,6 +77,10 @@ class SolverStats:
     state: torch.Tensor | None = None       # detached solved state [B, (N+1)*dim]: pass as z0 to warm start
     previous_state: torch.Tensor | None = None  # the warm start's solved state (converged): for extrapolation
     backward_report: BackwardReport | None = field(default=None, repr=False)  # the implicit backward's
+    # -- optional diagnostics -------------------------------------------------------------------------
+    spectral_radius: torch.Tensor | None = None   # [B] estimate of rho(df/dz) at z* (``spectral_radius_iters``)
+    restarted: int | None = None    # samples the solver restarted on stagnation (Anderson ``stall``; else None)
+    fell_back: int | None = None    # samples that then fell back to damped iteration
 
     @classmethod
     def from_result(cls, res: SolveResult, solver: str, max_iter: int, tol: float, stop: str,
@@ -83,7 +89,8 @@ class SolverStats:
                    converged=res.converged, abs_residuals=res.abs_residuals.detach(),
                    rel_residuals=res.rel_residuals.detach(),
                    trace_tensor=torch.stack(res.trace).detach() if res.trace else None,
-                   gates=torch.stack(res.gates).detach() if res.gates else None, **extra)
+                   gates=torch.stack(res.gates).detach() if res.gates else None, restarted=res.restarted,
+                   fell_back=res.fell_back, **extra)
 
     @property
     def backward(self) -> "SolverStats | None":
@@ -106,6 +113,17 @@ class SolverStats:
         return float(self.rel_residuals.median()) if self.rel_residuals.numel() else 0.0
 
     @property
+    def spectral_radius_max(self) -> float | None:
+        """Largest spectral radius estimate over the batch (None when not estimated)."""
+        r = self.spectral_radius
+        return None if r is None or not r.numel() else float(r.max())
+
+    @property
+    def spectral_radius_median(self) -> float | None:
+        r = self.spectral_radius
+        return None if r is None or not r.numel() else float(r.median())
+
+    @property
     def abs_residual(self) -> float:
         """Largest absolute residual over the batch."""
         return float(self.abs_residuals.max()) if self.abs_residuals.numel() else 0.0
@@ -121,6 +139,11 @@ class SolverStats:
             f"{prefix}rel_residual_median": self.rel_residual_median,
             f"{prefix}abs_residual": self.abs_residual, f"{prefix}converged": self.converged,
         }
+        if self.restarted is not None:
+            d[f"{prefix}restarted"], d[f"{prefix}fell_back"] = self.restarted, self.fell_back
+        if self.spectral_radius is not None:
+            d[f"{prefix}spectral_radius_max"] = self.spectral_radius_max
+            d[f"{prefix}spectral_radius_median"] = self.spectral_radius_median
         if self.backward is not None:
             d.update(self.backward.as_dict(prefix=prefix + "backward_"))
         return d
@@ -129,6 +152,10 @@ class SolverStats:
         s = (f"{self.solver}: {self.nstep}/{self.max_iter} steps, rel residual max {self.rel_residual:.2e} "
              f"median {self.rel_residual_median:.2e}, {'converged' if self.converged else 'NOT converged'} "
              f"(tol {self.tol:g} {self.stop})")
+        if self.restarted:
+            s += f", {self.restarted} restarted on stagnation ({self.fell_back} fell back to damped iteration)"
+        if self.spectral_radius is not None:
+            s += f", spectral radius max {self.spectral_radius_max:.3f} median {self.spectral_radius_median:.3f}"
         if self.backward is not None:
             s += f"; backward {self.backward}"
         return s

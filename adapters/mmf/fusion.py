@@ -95,7 +95,7 @@ def add_jacobian_loss(model: nn.Module, fusion: nn.Module, sample_list, output: 
     if not isinstance(fusion, DEQFusionMMF):
         return
     jac = fusion.last_jac_loss
-    if model.training and jac is not None and fusion.jac_weight > 0:
+    if model.training and jac is not None and fusion.current_jac_weight > 0:
         losses = model.losses(sample_list, output)
-        losses[f"{sample_list.dataset_type}/{sample_list.dataset_name}/deq_jacobian"] = (fusion.jac_weight * jac).view(1)
+        losses[f"{sample_list.dataset_type}/{sample_list.dataset_name}/deq_jacobian"] = (fusion.current_jac_weight * jac).view(1)
         output["losses"] = losses

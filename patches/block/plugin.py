@@ -83,7 +83,7 @@ def collect_deq_outputs(net: nn.Module) -> dict[str, torch.Tensor]:
     outs = []
     for m in net.modules():
         if isinstance(m, DEQBlockFusion) and m.last_stats is not None:
-            outs.append((m.jac_weight, m.last_jac_loss, m.last_stats))
+            outs.append((m.current_jac_weight, m.last_jac_loss, m.last_stats))
             m.last_stats = m.last_jac_loss = None
     if not outs:
         return {}

@@ -1,0 +1,252 @@
+"""The convergence options of DEQFusion (issue 10): evaluation cap, spectral radius estimate, stagnation
+detection, Jacobian-weight schedule, normalisation of f, fixed-point correction."""
+import warnings
+
+import pytest
+import torch
+
+from conftest import inputs, make_contractive
+from deqfusion_core import DEQFusion
+from deqfusion_core.contraction import NotContractiveWarning, spectral_radius
+
+DIMS = [6, 8, 5]
+
+
+def model(dtype=torch.float64, seed=0, contractive=True, **kw):
+    torch.manual_seed(seed)
+    opts = dict(dim=8, num_groups=2, f_max_iter=100, f_tol=1e-10, jac_samples=0)
+    opts.update(kw)
+    m = DEQFusion(DIMS, **opts)
+    return (make_contractive(m) if contractive else m).to(dtype)
+
+
+def exact_radius(m, z_star, inj):
+    """max |eigenvalue| of the exact Jacobian df/dz at z_star, per sample (f acts per sample)."""
+    out = []
+    for i in range(z_star.shape[0]):
+        one = inj.select(torch.tensor([i]))
+        J = torch.autograd.functional.jacobian(lambda z: m.layer(z[None], one)[0], z_star[i])
+        out.append(torch.linalg.eigvals(J).abs().max())
+    return torch.stack(out)
+
+
+# -- 1. evaluation cap ------------------------------------------------------------------------------------
+def test_eval_cap_is_used_in_eval_mode_only_and_reported():
+    m = model(f_max_iter=3, f_max_iter_eval=40, f_tol=1e-12)
+    xs = inputs(DIMS, dtype=torch.float64)
+    train = m.train()(xs)
+    assert train.stats.max_iter == 3 and train.stats.nstep == 3
+    ev = m.eval()(xs)
+    assert ev.stats.max_iter == 40 and 3 < ev.stats.nstep <= 40
+    assert ev.stats.rel_residual < train.stats.rel_residual
+    m.f_max_iter = 5                       # the training cap can change; the eval cap stays
+    assert m.eval()(xs).stats.max_iter == 40 and m.train()(xs).stats.max_iter == 5
+
+
+def test_eval_cap_default_is_the_training_cap():
+    m = model(f_max_iter=4, f_tol=1e-12).eval()
+    assert m(inputs(DIMS, dtype=torch.float64)).stats.max_iter == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "10"])
+def test_eval_cap_is_validated(bad):
+    with pytest.raises(ValueError, match="f_max_iter_eval"):
+        DEQFusion(DIMS, dim=8, num_groups=2, f_max_iter_eval=bad)
+
+
+# -- 2. spectral radius -----------------------------------------------------------------------------------
+def test_spectral_radius_of_a_linear_map_with_known_eigenvalues():
+    g = torch.Generator().manual_seed(0)
+    B, L = 3, 12
+    radii = torch.tensor([0.5, 0.9, 1.3], dtype=torch.float64)
+    # A_b = Q diag(eigs) Q^-1 with a non-orthogonal Q: non-normal, so the norm of A differs from rho
+    Q = torch.randn(B, L, L, generator=g, dtype=torch.float64) + 3 * torch.eye(L, dtype=torch.float64)
+    eigs = torch.rand(B, L, generator=g, dtype=torch.float64) * 0.4 * radii[:, None]
+    eigs[:, 0] = radii
+    A = Q @ torch.diag_embed(eigs) @ torch.linalg.inv(Q)
+    c = torch.randn(B, L, generator=g, dtype=torch.float64)
+    layer = lambda z, inj: torch.bmm(A, z[:, :, None])[:, :, 0] + c
+    assert (torch.linalg.matrix_norm(A, ord=2) > radii * 1.2).all()
+    est = spectral_radius(layer, torch.zeros(B, L, dtype=torch.float64), None, iters=200,
+                          generator=torch.Generator().manual_seed(1))
+    assert est.shape == (B,)
+    torch.testing.assert_close(est, radii, rtol=0.02, atol=0)
+
+
+def test_spectral_radius_of_the_fusion_map_matches_its_exact_jacobian():
+    m = model(contractive=False, f_max_iter=300, f_tol=1e-12).eval()
+    with torch.no_grad():   # larger output gains: rho > 1 on most samples
+        for gn in [b.gn3 for b in m.blocks] + [m.fusion.gn]:
+            gn.weight.mul_(2.0)
+    xs = inputs([6, 8, 5], batch=5, dtype=torch.float64)
+    inj = m.inject(xs)
+    z = m.solve(torch.zeros(5, m.state_width, dtype=torch.float64), inj).z
+    exact = exact_radius(m, z, inj)
+    est = spectral_radius(m.layer, z, inj, iters=60, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(est, exact, rtol=0.05, atol=0)
+
+
+def test_spectral_radius_option_reports_and_warns():
+    m = model(spectral_radius_iters=30, contractive=True)
+    xs = inputs(DIMS, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotContractiveWarning)
+        out = m(xs)
+    rho = out.stats.spectral_radius
+    assert rho.shape == (4,) and (rho > 0).all() and (rho < 1).all()
+    d = out.stats.as_dict()
+    assert d["spectral_radius_max"] == pytest.approx(float(rho.max()))
+    assert d["spectral_radius_median"] == pytest.approx(float(rho.median()))
+    assert "spectral radius max" in str(out.stats)
+    assert model()(xs).stats.spectral_radius is None and "spectral_radius_max" not in model()(xs).stats.as_dict()
+    # scaled-up output gains: not contractive, warned with the value
+    hot = model(spectral_radius_iters=30, contractive=False)
+    with torch.no_grad():
+        for gn in [b.gn3 for b in hot.blocks] + [hot.fusion.gn]:
+            gn.weight.mul_(4.0)
+    with pytest.warns(NotContractiveWarning, match=r"spectral radius of df/dz estimated at \d"):
+        out = hot(xs)
+    assert out.stats.spectral_radius_max >= 1
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_spectral_radius_iters_is_validated(bad):
+    with pytest.raises(ValueError, match="spectral_radius_iters"):
+        DEQFusion(DIMS, dim=8, num_groups=2, spectral_radius_iters=bad)
+    with pytest.raises(ValueError, match="iters"):
+        spectral_radius(lambda z, inj: z, torch.zeros(2, 3), None, iters=0)
+
+
+# -- 4. stagnation detection (Anderson) -------------------------------------------------------------------
+from deqfusion_core.solvers import anderson  # noqa: E402
+
+A_STAR = torch.tensor([[1.0], [-2.0], [0.5], [3.0]], dtype=torch.float64)
+
+
+def atan_map(z, rows):
+    """f(z) = z - atan(z - a): a contraction (0 <= f' < 1) with fixed point a, on which plain iteration
+    converges but Anderson (a secant method in 1-D) cycles from far starts, as Newton does on atan."""
+    return z - torch.atan(z - (A_STAR if rows is None else A_STAR[rows]))
+
+
+def run_atan(x0, **kw):
+    with torch.no_grad():
+        return anderson(atan_map, torch.full((4, 1), x0, dtype=torch.float64), max_iter=60, tol=1e-10,
+                        stop="abs", m=5, **kw)
+
+
+def test_stagnation_is_detected_and_restart_then_fallback_recovers():
+    plain = run_atan(10.0)
+    assert not plain.converged and (plain.abs_residuals > 0.5).sum() >= 3   # Anderson cycles
+    fixed = run_atan(10.0, stall=5)
+    assert fixed.converged and (fixed.abs_residuals <= 1e-10).all()
+    torch.testing.assert_close(fixed.z, A_STAR, rtol=0, atol=1e-9)
+    assert fixed.restarted == 4 and fixed.fell_back == 4
+    assert plain.restarted is None and plain.fell_back is None
+
+
+def test_restart_alone_recovers_a_stalled_sample():
+    plain, fixed = run_atan(20.0), run_atan(20.0, stall=5)
+    assert plain.abs_residuals[1] > 1.0 and not plain.converged
+    assert fixed.converged and fixed.restarted == 1 and fixed.fell_back == 0
+    for i in (0, 2, 3):   # the samples that never stalled: bit-identical
+        assert torch.equal(plain.z[i], fixed.z[i]) and torch.equal(plain.abs_residuals[i], fixed.abs_residuals[i])
+
+
+def test_stagnation_detection_changes_nothing_when_nothing_stalls():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 20, 20, generator=g, dtype=torch.float64)
+    A = 0.9 * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+    c = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    f = lambda z, rows: torch.bmm(A if rows is None else A[rows], z[:, :, None])[:, :, 0] + (c if rows is None else c[rows])
+    z0 = torch.zeros(6, 20, dtype=torch.float64)
+    with torch.no_grad():
+        plain = anderson(f, z0, max_iter=100, tol=1e-10, m=5)
+        watched = anderson(f, z0, max_iter=100, tol=1e-10, m=5, stall=10)
+    assert watched.restarted == 0 and watched.fell_back == 0
+    assert plain.nstep == watched.nstep and torch.equal(plain.z, watched.z)
+    assert torch.equal(plain.rel_residuals, watched.rel_residuals)
+
+
+@pytest.mark.parametrize("opt", [dict(stall=-1), dict(stall=2.5), dict(stall=5, stall_factor=0.0),
+                                 dict(stall=5, stall_factor=1.5), dict(stall=5, stall_damping=0.0)])
+def test_stagnation_options_are_validated(opt):
+    with pytest.raises(ValueError, match=sorted(opt)[-1] if len(opt) > 1 else "stall"):
+        run_atan(1.0, **opt)
+
+
+def test_stagnation_counts_reach_deqfusion_stats():
+    m = model(solver_options={"stall": 5})
+    out = m(inputs(DIMS, dtype=torch.float64))
+    assert out.stats.converged and out.stats.restarted == 0 and out.stats.fell_back == 0
+    assert out.stats.as_dict()["restarted"] == 0
+    assert "restarted" not in model()(inputs(DIMS, dtype=torch.float64)).stats.as_dict()
+
+
+# -- 5. Jacobian-weight schedule --------------------------------------------------------------------------
+from deqfusion_core.jacobian import JAC_SCHEDULES, get_jac_schedule  # noqa: E402
+
+
+def test_jac_schedules():
+    assert set(JAC_SCHEDULES) >= {"constant", "linear", "cosine"}
+    lin, cos = get_jac_schedule("linear"), get_jac_schedule("cosine")
+    assert [lin(1.0, 5.0, s, 4) for s in (0, 1, 2, 4, 9)] == [1.0, 2.0, 3.0, 5.0, 5.0]
+    assert cos(1.0, 5.0, 0, 4) == 1.0 and cos(1.0, 5.0, 2, 4) == pytest.approx(3.0) and cos(1.0, 5.0, 7, 4) == 5.0
+    assert get_jac_schedule("constant")(2.0, 9.0, 3, 4) == 2.0
+    with pytest.raises(ValueError, match="jac_schedule: unknown schedule 'step'"):
+        get_jac_schedule("step")
+
+
+def test_deqfusion_counts_training_forwards_and_attaches_the_scheduled_weight():
+    m = model(jac_samples=1, jac_weight=1.0, jac_schedule="linear", jac_weight_final=3.0, jac_schedule_steps=2,
+              f_tol=1e-8)
+    xs = inputs(DIMS, dtype=torch.float64)
+    assert m.current_jac_weight == 1.0
+    weights = []
+    for _ in range(4):
+        m.train()
+        torch.manual_seed(5)            # the same Hutchinson probe in both backwards
+        out = m(xs)
+        weights.append(m.current_jac_weight)
+        m.zero_grad()
+        out.fused.sum().backward()       # the scheduled term rides along
+        attached = [p.grad.clone() for p in m.parameters()]
+        torch.manual_seed(5)
+        m.jac_schedule, m.jac_weight = "constant", 0.0   # the same forward, uncounted, nothing attached:
+        ref = m(xs)                                      # the term added by hand
+        m.jac_schedule, m.jac_weight = "linear", 1.0
+        m.zero_grad()
+        (ref.fused.sum() + weights[-1] * ref.jac_loss).backward()
+        for a, b in zip(attached, [p.grad for p in m.parameters()]):
+            torch.testing.assert_close(a, b)
+        m.eval()(xs)                      # eval forwards are not counted
+    assert weights == [1.0, 2.0, 3.0, 3.0] and int(m.jac_forwards) == 4
+    state = m.state_dict()
+    assert int(state["jac_forwards"]) == 4
+    fresh = model(jac_samples=1, jac_weight=1.0, jac_schedule="linear", jac_weight_final=3.0, jac_schedule_steps=2)
+    fresh.load_state_dict(state)
+    assert fresh.current_jac_weight == 3.0
+    assert "jac_forwards" not in model().state_dict()       # the default keeps checkpoints as they were
+
+
+@pytest.mark.parametrize("kw,name", [(dict(jac_schedule="nope"), "jac_schedule"),
+                                     (dict(jac_schedule="linear", jac_schedule_steps=3), "jac_weight_final"),
+                                     (dict(jac_schedule="linear", jac_weight_final=1.0), "jac_schedule_steps")])
+def test_jac_schedule_is_validated(kw, name):
+    with pytest.raises(ValueError, match=name):
+        DEQFusion(DIMS, dim=8, num_groups=2, **kw)
+
+
+def test_fusion_adapter_reports_the_scheduled_weight():
+    from deqfusion_core.integration import FusionAdapter
+
+    adapter = FusionAdapter(DIMS, 8, {"jac_weight": 2.0, "jac_schedule": "linear", "jac_weight_final": 0.0,
+                                      "jac_schedule_steps": 4, "num_groups": 2, "jac_samples": 1})
+    assert adapter.jac_weight == 2.0 and adapter.deq.jac_weight == 0.0     # the adapter owns the weight
+    make_contractive(adapter.deq)
+    xs = inputs(DIMS)
+    seen = []
+    for _ in range(3):
+        adapter.train().fuse(xs)
+        seen.append(adapter.current_jac_weight)
+    assert seen == [2.0, 1.5, 1.0]
