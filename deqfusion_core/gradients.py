@@ -82,7 +82,12 @@ def _at(m, z_star: torch.Tensor, inj: Injection):
 def _jacobian_at(m, z_star: torch.Tensor, inj: Injection) -> torch.Tensor:
     """The Jacobian term at z*, from a fresh application of f there."""
     z, fz = _at(m, z_star, inj)
-    return jacobian_loss(fz, z, m.jac_samples)
+    return jacobian_loss(fz, z, m.jac_samples, blocks=_jac_blocks(m))
+
+
+def _jac_blocks(m) -> int | None:
+    """``jac_term="diagonal"``: the Jacobian term's diagonal blocks only (see ``jacobian_loss``)."""
+    return m.num_modalities + 1 if getattr(m, "jac_term", "full") == "diagonal" else None
 
 
 class SolveThenDifferentiate(Gradient):
@@ -111,7 +116,7 @@ class Implicit(SolveThenDifferentiate):
 
     def attach(self, m, res, inj, warm, jac_needed):
         z, fz = _at(m, res.z, inj)
-        jac = jacobian_loss(fz, z, m.jac_samples) if jac_needed else None
+        jac = jacobian_loss(fz, z, m.jac_samples, blocks=_jac_blocks(m)) if jac_needed else None
         g0 = None if warm is None else warm.backward_state
         if g0 is not None and g0.shape != fz.shape:
             g0 = None
@@ -137,7 +142,7 @@ class OneStep(SolveThenDifferentiate):
 
     def attach(self, m, res, inj, warm, jac_needed):
         z, fz = _at(m, res.z, inj)
-        return Equilibrium(fz, res, jacobian_loss(fz, z, m.jac_samples) if jac_needed else None)
+        return Equilibrium(fz, res, jacobian_loss(fz, z, m.jac_samples, blocks=_jac_blocks(m)) if jac_needed else None)
 
 
 class _ImplicitGrad(torch.autograd.Function):

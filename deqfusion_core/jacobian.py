@@ -45,19 +45,37 @@ def cosine(start: float, final: float, step: int, steps: int) -> float:
     return final + (start - final) * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
 
 
-def jacobian_loss(fz: torch.Tensor, z: torch.Tensor, samples: int = 1, create_graph: bool = True) -> torch.Tensor:
+def jacobian_loss(fz: torch.Tensor, z: torch.Tensor, samples: int = 1, create_graph: bool = True,
+                  blocks: int | None = None) -> torch.Tensor:
     """Hutchinson estimate of ||J||_F^2 / numel(z) with J = d fz / d z, from ``samples`` Gaussian probes.
 
     ``fz`` must have been computed from ``z`` (which requires grad). E[||v^T J||^2] = ||J||_F^2 for
     v ~ N(0, I); dividing by the number of elements makes the term independent of batch and width.
+
+    ``blocks``: the state is ``blocks`` equal parts z = (z_1, ..., z_N, z_fuse) and J is block lower-triangular
+    as DEQ fusion's f makes it (f_i reads z_i only; f_fuse reads every part). Then only the diagonal blocks are
+    estimated, sum_i ||J_ii||_F^2 (two probes per sample: one on the modality parts, read back on them, one on
+    z_fuse, read back on it). The spectral radius of such a J is the largest of its diagonal blocks', so this is
+    the part that decides convergence; the off-diagonal J_fuse,i, through which f_fuse reads the modalities (the
+    cross-modal interaction), is left out of the penalty (``DEQFusion(jac_term="diagonal")``; ours, not the paper's).
     """
     if samples < 1:
         raise ValueError(f"samples: must be >= 1, got {samples}")
+    if blocks is not None and (blocks < 2 or fz.shape[-1] % blocks):
+        raise ValueError(f"blocks: must be >= 2 and divide the state width {fz.shape[-1]}, got {blocks}")
     total = fz.new_zeros(())
-    for i in range(samples):
+    for _ in range(samples):
         v = torch.randn_like(fz)
-        (vj,) = torch.autograd.grad(fz, z, v, retain_graph=True, create_graph=create_graph)
-        total = total + vj.float().pow(2).sum()
+        if blocks is None:
+            (vj,) = torch.autograd.grad(fz, z, v, retain_graph=True, create_graph=create_graph)
+            total = total + vj.float().pow(2).sum()
+            continue
+        parts = v.view(v.shape[0], blocks, -1)
+        on_modalities = torch.cat([parts[:, :-1], torch.zeros_like(parts[:, -1:])], 1).view_as(v)
+        on_fuse = torch.cat([torch.zeros_like(parts[:, :-1]), parts[:, -1:]], 1).view_as(v)
+        (a,) = torch.autograd.grad(fz, z, on_modalities, retain_graph=True, create_graph=create_graph)
+        (c,) = torch.autograd.grad(fz, z, on_fuse, retain_graph=True, create_graph=create_graph)
+        total = total + a.view_as(parts)[:, :-1].float().pow(2).sum() + c.view_as(parts)[:, -1].float().pow(2).sum()
     return total / (samples * z.numel())
 
 

@@ -55,6 +55,9 @@ class DEQFusion(FusionMap):
             from z*) or ``unrolled`` (plain fixed-point iteration recorded by autograd: the paper's
             weight-tied comparison). See ``gradients.py``.
         jac_samples: Hutchinson probes for the Jacobian term (0 disables it). Zero in eval mode.
+        jac_term: ``full`` (||df/dz||_F^2, the paper's, appendix C after Bai et al. 2021) or ``diagonal`` (ours: only the blocks d f_i / d z_i and
+            d f_fuse / d z_fuse, which decide the spectral radius; the cross-modal d f_fuse / d z_i is not penalised;
+            see ``jacobian.jacobian_loss`` and docs/convergence.md).
         jac_weight: if > 0, ``jac_weight * jac_loss`` is attached to the fused tensor's backward so an
             unmodified ``loss.backward()`` includes it (then do not add ``jac_loss`` to the loss yourself).
         track_gates: record the mean gate value per modality at each solver step (``stats.gates``).
@@ -96,7 +99,7 @@ class DEQFusion(FusionMap):
                  solver_options: dict | None = None, backward: str = "implicit", b_solver: str | None = None,
                  b_max_iter: int = 30, b_tol: float = 1e-4, b_solver_options: dict | None = None,
                  phantom_steps: int = 5, phantom_damping: float = 0.8,
-                 jac_samples: int = 1, jac_weight: float = 0.0, track_gates: bool = False,
+                 jac_samples: int = 1, jac_weight: float = 0.0, jac_term: str = "full", track_gates: bool = False,
                  extrapolate_warm_start: bool = True, f_max_iter_eval: int | None = None,
                  spectral_radius_iters: int = 0, jac_schedule: str = "constant",
                  jac_weight_final: float | None = None, jac_schedule_steps: int = 0):
@@ -111,6 +114,9 @@ class DEQFusion(FusionMap):
             raise ValueError(f"phantom_steps: must be an int >= 1, got {phantom_steps!r}")
         if not isinstance(num_layers, int) or num_layers < 0:
             raise ValueError(f"num_layers: must be an int >= 0, got {num_layers!r}")
+        if jac_term not in ("full", "diagonal"):
+            raise ValueError(f"jac_term: 'full' or 'diagonal', got {jac_term!r}")
+        self.jac_term = jac_term
         if not isinstance(jac_samples, int) or jac_samples < 0:
             raise ValueError(f"jac_samples: must be an int >= 0, got {jac_samples!r}")
         if jac_weight < 0:

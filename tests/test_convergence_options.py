@@ -250,3 +250,58 @@ def test_fusion_adapter_reports_the_scheduled_weight():
         adapter.train().fuse(xs)
         seen.append(adapter.current_jac_weight)
     assert seen == [2.0, 1.5, 1.0]
+
+
+# -- jac_term="diagonal": the Jacobian term's diagonal blocks ------------------------------------------------------
+def _exact_blocks(fusion, z, inj):
+    """Per sample, the exact Jacobian of f at z [L, L], and its (N+1) x (N+1) blocks' squared Frobenius norms."""
+    n, d = fusion.num_modalities + 1, fusion.dim
+    out = []
+    for b in range(z.shape[0]):
+        sel = inj.select(torch.tensor([b]))
+        jac = torch.autograd.functional.jacobian(lambda v: fusion.layer(v.unsqueeze(0), sel)[0], z[b])
+        out.append(jac.view(n, d, n, d).permute(0, 2, 1, 3).pow(2).sum((-1, -2)))
+    return torch.stack(out)          # [B, N+1 (rows), N+1 (columns)]
+
+
+def test_diagonal_jacobian_term_estimates_the_diagonal_blocks_only():
+    from deqfusion_core import DEQFusion
+    from deqfusion_core.jacobian import jacobian_loss
+
+    torch.manual_seed(0)
+    fusion = DEQFusion([6, 6, 6], 8, num_groups=2).double()
+    xs = [torch.randn(3, 6, dtype=torch.float64) for _ in range(3)]
+    inj = fusion.inject(xs)
+    z = torch.randn(3, fusion.state_width, dtype=torch.float64)
+    blocks = _exact_blocks(fusion, z, inj)
+    # f_i reads z_i only: the blocks above the diagonal and between modalities are zero
+    assert torch.all(blocks[:, :3, :].sum(-1) - torch.diagonal(blocks[:, :3, :3], dim1=1, dim2=2) < 1e-20)
+    diagonal = torch.diagonal(blocks, dim1=1, dim2=2).sum() / z.numel()
+    full = blocks.sum() / z.numel()
+    assert blocks[:, 3, :3].sum() > 1e-3 * blocks.sum()         # the cross-modal blocks are not zero
+    zz = z.clone().requires_grad_()
+    fz = fusion.layer(zz, inj)
+    torch.manual_seed(1)
+    est_diag = jacobian_loss(fz, zz, samples=4000, create_graph=False, blocks=4)
+    est_full = jacobian_loss(fz, zz, samples=4000, create_graph=False)
+    assert abs(est_diag / diagonal - 1) < 0.05, (float(est_diag), float(diagonal))
+    assert abs(est_full / full - 1) < 0.05, (float(est_full), float(full))
+
+
+def test_diagonal_jacobian_term_option_is_validated_and_used():
+    from deqfusion_core import DEQFusion
+    from deqfusion_core.jacobian import jacobian_loss
+
+    with pytest.raises(ValueError, match="jac_term"):
+        DEQFusion([4, 4], 4, num_groups=2, jac_term="offdiagonal")
+    torch.manual_seed(0)
+    fusion = DEQFusion([8, 8], 8, num_groups=2, jac_term="diagonal").train()
+    xs = [torch.randn(5, 8) for _ in range(2)]
+    torch.manual_seed(3)
+    out = fusion(xs)
+    z = out.stats.state.clone().requires_grad_()
+    torch.manual_seed(3)
+    expected = jacobian_loss(fusion.layer(z, fusion.inject(xs)), z, 1, blocks=3)
+    torch.manual_seed(3)
+    full = jacobian_loss(fusion.layer(z, fusion.inject(xs)), z, 1)
+    assert torch.allclose(out.jac_loss, expected) and not torch.allclose(out.jac_loss, full)

@@ -31,6 +31,15 @@ def test_console_echoes_progress_with_solver_lines_and_stops_after():
     assert len(out.getvalue().splitlines()) == 2
 
 
+def test_test_split_is_named():
+    out, log = io.StringIO(), logging.getLogger("mmf.train")
+    log.setLevel(logging.INFO)
+    with console(out):
+        log.info("progress: 1600/1600, test/total_loss: 0.4511, test/easy_vqa/cross_entropy: 0.4511, "
+                 "test/easy_vqa/accuracy: 0.7700")
+    assert out.getvalue().startswith("test at 1600/1600  accuracy 0.7700"), out.getvalue()
+
+
 def test_progress_without_a_solver_line_is_echoed_alone():
     out, log = io.StringIO(), logging.getLogger("mmf.train")
     log.setLevel(logging.INFO)

@@ -38,7 +38,8 @@ def evaluate(model, dataset, batch_size: int = 64):
 def main(args) -> int:
     from . import register
 
-    register()
+    options = dict(getattr(args, "fusion_option", None) or [])
+    register(options or None)
     from mmf.common.registry import registry
     from mmf_cli.run import run
 

@@ -9,6 +9,7 @@ from typing import Sequence
 from deqfusion_core import hookimpl
 from deqfusion_core.compat import unwatch_imports
 from deqfusion_core.integration import Integration, Upstream
+from deqfusion_core.options import parse_fusion_option
 from deqfusion_core.process import run_main
 
 from . import CONFIG_DIR, USER_DIR
@@ -117,6 +118,8 @@ def deqfusion_add_commands(subparsers):
                                                           "tiny; extra threads only wait on a busy machine)")
     p.add_argument("--upstream", metavar="PATH", help=f"an MMF checkout (git main) to use instead of the installed "
                                                       f"mmf (else ${ROOT_VARIABLE})")
+    p.add_argument("-o", "--fusion-option", action="append", type=parse_fusion_option, metavar="KEY=VALUE",
+                   help="a DEQFusion keyword over the packaged config's, e.g. -o f_max_iter=60 (repeatable)")
     p.add_argument("mmf_opts", nargs="*", help="more MMF options, e.g. training.batch_size=32")
     p.set_defaults(func=cmd_demo)
 

@@ -58,9 +58,11 @@ class ConsoleProgress(logging.Handler):
             if "eta" in fields:
                 line += f"  eta {fields['eta'].rsplit(' ', 1)[0]}"
         else:
-            metric = next((k for k in fields if k.startswith("val/") and k.endswith("/accuracy")), None)
-            score = f"accuracy {float(fields[metric]):.4f}" if metric else f"loss {fields.get('val/total_loss', '?')}"
-            line = f"val at {where:>9}  {score:<24} {self.solver}"
+            split = next((k.split("/", 1)[0] for k in fields if k.endswith("/total_loss")), "val")
+            metric = next((k for k in fields if k.startswith(f"{split}/") and k.endswith("/accuracy")), None)
+            score = f"accuracy {float(fields[metric]):.4f}" if metric else \
+                f"loss {fields.get(f'{split}/total_loss', '?')}"
+            line = f"{split + ' at':<6} {where:>9}  {score:<24} {self.solver}"
         self.solver = ""
         self.stream.write(line.rstrip() + "\n")
         self.stream.flush()
