@@ -11,6 +11,7 @@ from .contraction import spectral_radius, warn_if_not_contractive
 from .fusion_map import FusionMap, GateTrace, Injection, RowMap
 from .gradients import WEIGHT_TIED, get_gradient
 from .jacobian import attach_aux_loss, get_jac_schedule
+from .norms import apply_norm, normalised_once
 from .solvers import SolveConfig
 from .stats import SolveResult, SolverStats
 
@@ -70,6 +71,20 @@ class DEQFusion(FusionMap):
             per sample by that many power iterations on the VJP (``contraction.spectral_radius``; no gradient,
             one f application and ``spectral_radius_iters`` VJPs) into ``stats.spectral_radius`` [B], and warn
             (:class:`~deqfusion_core.contraction.NotContractiveWarning`) when its max is >= 1. 0: off.
+        norm, norm_options: a normalisation of f's parameters inside the fixed-point loop (``norms.NORMS``; None:
+            none, the paper's f), with its options. ``weight`` and ``spectral``: torch's weight / spectral
+            normalisation of lin1, lin2, gate and fuse, the usual DEQ norms; measured on this f they do NOT bound
+            the spectral radius rho of df/dz at z* (every Linear is followed by a GroupNorm that undoes its
+            scale). ``contractive`` (ours, not the paper's): every GroupNorm gain in f bounded by
+            ``max_gain`` (default 0.25) as ``max_gain * tanh(w / max_gain)``, and spectral normalisation of lin2,
+            gate and fuse (``spectral=True``); it scales the fused output's per-group spread down to at most
+            ``max_gain``. Measured at dim 64, 4 groups, batch 32, float64, rho at the samples Anderson solves
+            (100 power iterations), initial weights as they are and stressed (GroupNorm gains x2 to x4, Linear
+            weights x3, GroupNorm biases N(0, 1)): plain and ``spectral`` rho up to 2.5, 8 to 19 of 32 samples
+            reached by plain iteration as they are and none stressed; ``contractive`` rho max 0.91, every sample
+            reached (``max_gain=0.5``: max 1.11, one sample not).
+            A measured property, not a proof: the bound acts relative to the injection's scale. Changes the
+            state_dict's names of the normalised parameters (torch's ``parametrizations.*.original``).
 
     ``forward(xs, z0=None, warm_start=None)`` returns ``DEQFusionOutput(fused, jac_loss, stats)``.
     ``z0`` is an initial state (e.g. ``stats.state`` of an earlier call on the same samples);
@@ -99,9 +114,12 @@ class DEQFusion(FusionMap):
                  jac_samples: int = 1, jac_weight: float = 0.0, track_gates: bool = False,
                  extrapolate_warm_start: bool = True, f_max_iter_eval: int | None = None,
                  spectral_radius_iters: int = 0, jac_schedule: str = "constant",
-                 jac_weight_final: float | None = None, jac_schedule_steps: int = 0):
+                 jac_weight_final: float | None = None, jac_schedule_steps: int = 0, norm: str | None = None,
+                 norm_options: dict | None = None):
         super().__init__(input_dims, dim, num_groups=num_groups, dropout=dropout, modality_blocks=modality_blocks,
                          fuse_block=fuse_block, gating=gating)
+        apply_norm(self, norm, norm_options)
+        self.norm, self.norm_options = norm, dict(norm_options or {})
         self.forward_solve = SolveConfig(solver, f_max_iter, f_tol, f_stop, dict(solver_options or {}),
                                          argnames=FORWARD_ARGS)
         self.backward_solve = SolveConfig(b_solver or solver, b_max_iter, b_tol, "rel", dict(b_solver_options or {}),
@@ -149,6 +167,13 @@ class DEQFusion(FusionMap):
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, xs: Sequence[torch.Tensor], z0: torch.Tensor | None = None,
                 warm_start: SolverStats | None = None) -> DEQFusionOutput:
+        # with a norm, the parametrized weights are computed once per forward: the solve sees one fixed f
+        if self.norm is None:
+            return self._forward(xs, z0, warm_start)
+        with normalised_once(self):
+            return self._forward(xs, z0, warm_start)
+
+    def _forward(self, xs, z0, warm_start) -> DEQFusionOutput:
         inj = self.inject(self._check_inputs(xs))
         if self.training and self.jac_schedule != "constant":
             with torch.no_grad():

@@ -1,5 +1,6 @@
 """The convergence options of DEQFusion (issue 10): evaluation cap, spectral radius estimate, stagnation
 detection, Jacobian-weight schedule, normalisation of f, fixed-point correction."""
+import copy
 import warnings
 
 import pytest
@@ -250,3 +251,93 @@ def test_fusion_adapter_reports_the_scheduled_weight():
         adapter.train().fuse(xs)
         seen.append(adapter.current_jac_weight)
     assert seen == [2.0, 1.5, 1.0]
+
+
+# -- 6. normalisation of f --------------------------------------------------------------------------------
+from torch.nn.utils import parametrize  # noqa: E402
+
+from deqfusion_core.norms import NORMS, apply_norm, loop_group_norms  # noqa: E402
+from deqfusion_core.solvers import fixed_point  # noqa: E402
+from deqfusion_core.fusion_map import RowMap  # noqa: E402
+
+WIDE = [12, 16, 10]
+
+
+def settle(m, xs):
+    """Anderson's z* (rel residuals), the exact spectral radius there, and plain iteration's residuals."""
+    m.eval()
+    with parametrize.cached():
+        with torch.no_grad():
+            inj = m.inject(xs)
+            z0 = torch.zeros(xs[0].shape[0], m.state_width, dtype=torch.float64)
+            star = m.solve(z0, inj)
+            plain = fixed_point(RowMap(m.layer, inj), z0, max_iter=300, tol=1e-12)
+        return star.rel_residuals, exact_radius(m, star.z, inj), plain.rel_residuals
+
+
+def test_contractive_norm_makes_f_contractive_where_the_plain_one_is_not():
+    torch.manual_seed(2)
+    plain = DEQFusion(WIDE, 16, num_groups=2, f_max_iter=300, f_tol=1e-12, jac_samples=0).double()
+    with torch.no_grad():                       # larger GroupNorm gains: not contractive at its fixed point
+        for gn in loop_group_norms(plain):
+            gn.weight.mul_(2.0)
+    normed = apply_norm(copy.deepcopy(plain), "contractive")          # the same weights, normalised
+    xs = inputs(WIDE, batch=6, dtype=torch.float64)
+    star, rho, iterated = settle(plain, xs)
+    assert (star < 1e-8).all()                  # Anderson reaches a fixed point ...
+    assert rho.max() > 1.05                     # ... where df/dz has an eigenvalue outside the unit circle
+    assert iterated.max() > 1e-2                # and plain iteration does not get there
+    star, rho, iterated = settle(normed, xs)
+    assert (star < 1e-8).all() and rho.max() < 0.95    # measured 0.88
+    assert (iterated < 1e-6).all()
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_norms_parametrize_f_and_keep_it_trainable(norm):
+    m = model(norm=norm, contractive=False, f_max_iter=30, f_tol=1e-6)
+    fuse = m.fusion
+    linears = [fuse.gate, fuse.fuse] + [b.lin2 for b in m.blocks]
+    assert all(parametrize.is_parametrized(layer, "weight") for layer in linears)
+    assert parametrize.is_parametrized(m.blocks[0].lin1) == (norm != "contractive")
+    assert all(parametrize.is_parametrized(gn, "weight") for gn in loop_group_norms(m)) == (norm == "contractive")
+    assert not any(parametrize.is_parametrized(p) for p in m.proj)     # the injection is left alone
+    xs = inputs(DIMS, dtype=torch.float64)
+    out = m.train()(xs)
+    (out.fused ** 2).sum().backward()
+    assert torch.isfinite(out.fused).all()
+    grads = [p.grad for n, p in m.named_parameters() if "original" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert torch.isfinite(m.eval()(xs).fused).all()
+
+
+def test_a_state_dict_round_trip_with_a_norm():
+    xs = inputs(DIMS, dtype=torch.float64)
+    for norm in ("spectral", "contractive"):
+        m = model(norm=norm, seed=0, contractive=False, f_max_iter=30)
+        m.train()(xs)                           # spectral: the power iteration's vectors move in training
+        state = m.state_dict()
+        assert any("parametrizations" in k for k in state)
+        fresh = model(norm=norm, seed=1, contractive=False, f_max_iter=30)
+        fresh.load_state_dict(state)
+        torch.testing.assert_close(fresh.eval()(xs).fused, m.eval()(xs).fused, rtol=0, atol=0)
+    keys = set(model(contractive=False).state_dict())   # the default keeps checkpoints as they were
+    assert not any("parametrizations" in k for k in keys)
+    assert keys == set(DEQFusion(DIMS, dim=8, num_groups=2, norm=None).state_dict())
+
+
+@pytest.mark.parametrize("kw,name", [(dict(norm="batch"), "norm: unknown norm 'batch'"),
+                                     (dict(norm="contractive", norm_options={"max_gain": 0}), "norm_options"),
+                                     (dict(norm="weight", norm_options={"max_gain": 1.0}), "norm_options"),
+                                     (dict(norm_options={"max_gain": 1.0}), "norm_options"),
+                                     (dict(norm="spectral", norm_options=[1]), "norm_options")])
+def test_norm_is_validated(kw, name):
+    with pytest.raises(ValueError, match=name):
+        DEQFusion(DIMS, dim=8, num_groups=2, **kw)
+
+
+def test_fusion_options_take_the_norm():
+    from deqfusion_core.options import FusionOptions
+
+    m = FusionOptions({"norm": "contractive", "norm_options": {"max_gain": 0.5}}).build(DIMS, 8, num_groups=2)
+    assert m.norm == "contractive" and m.blocks[0].gn1.parametrizations.weight[0].max_gain == 0.5
+
