@@ -10,6 +10,7 @@ EXPORTS = {
     "GRADIENTS": "gradients", "register_gradient": "gradients", "get_gradient": "gradients",
     "attach_aux_loss": "jacobian", "jacobian_loss": "jacobian",
     "spectral_radius": "contraction", "NotContractiveWarning": "contraction",
+    "NORMS": "norms", "register_norm": "norms", "correction_loss": "correction",
     "plot_convergence": "plot", "plot_gates": "plot",
     "Integration": "integration", "Upstream": "integration", "UpstreamNotFound": "integration",
     "FusionAdapter": "integration", "FusionOptions": "options",

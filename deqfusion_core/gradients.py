@@ -228,12 +228,13 @@ class RowCompactingVJP:
         self.fz, self.z, self.inv, self.size = fz, z, inv, rows.numel()
 
 
-def unroll(m, z0: torch.Tensor, inj: Injection, max_iter: int, tol: float, stop: str):
+def unroll(m, z0: torch.Tensor, inj: Injection, max_iter: int, tol: float, stop: str, keep: int = 0):
     """Plain fixed-point iteration recorded by autograd: every sample runs until all reached ``tol``
-    (``-inf``: exactly ``max_iter`` steps). Returns the last iterate, with its graph, and the SolveResult."""
+    (``-inf``: exactly ``max_iter`` steps). Returns the last iterate, with its graph, and the SolveResult
+    (``keep``: with that many detached iterates, as :class:`~deqfusion_core.solvers.Tracker` keeps them)."""
     gates = GateTrace(z0.shape[0], m.num_modalities, z0.device) if m.track_gates else None
     f = RowMap(m.layer, inj, gates)
-    t = Tracker(z0, tol, stop, max_iter, autograd=True)
+    t = Tracker(z0, tol, stop, max_iter, autograd=True, keep=keep)
     z = z0
     while not t.done:
         fz = f(z, None)
@@ -253,7 +254,7 @@ class Unrolled(SolveThenDifferentiate):
         if not _training(m):
             return super().__call__(m, z0, inj, warm)
         cfg = m.forward_solve
-        z, res = unroll(m, z0, inj, cfg.max_iter, cfg.tol, cfg.stop)
+        z, res = unroll(m, z0, inj, cfg.max_iter, cfg.tol, cfg.stop, m.correction_steps)
         return Equilibrium(z, res, _jacobian_at(m, z, inj) if m.jac_samples else None, solved=False)
 
     attach = OneStep.attach

@@ -27,11 +27,11 @@ from .stats import DEQConvergenceError, SolveResult, SolverStats
 
 __all__ = ["SOLVERS", "register_solver", "get_solver", "solve", "SolveConfig", "Tracker",
            "fixed_point", "anderson", "broyden",
-           "Stagnation"]
+           "Stagnation", "snapshot_steps"]
 
 FixedPointMap = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 SOLVERS: dict[str, Callable[..., SolveResult]] = {}
-_SOLVE_ARGS = ("max_iter", "tol", "stop")   # what every solver takes besides its own options
+_SOLVE_ARGS = ("max_iter", "tol", "stop", "keep")   # what solvers take besides their own options
 
 
 def register_solver(name: str):
@@ -86,8 +86,16 @@ class SolveConfig:
     def replace(self, **changes) -> "SolveConfig":
         return replace(self, **changes)
 
-    def run(self, f: FixedPointMap, z0: torch.Tensor) -> SolveResult:
-        return SOLVERS[self.solver](f, z0, max_iter=self.max_iter, tol=self.tol, stop=self.stop, **self.options)
+    def run(self, f: FixedPointMap, z0: torch.Tensor, keep: int = 0) -> SolveResult:
+        """Solve from ``z0``; ``keep`` > 0: also keep that many iterates of the trajectory
+        (``SolveResult.iterates``, see :class:`Tracker`), for a solver that takes ``keep``."""
+        extra = {}
+        if keep:
+            if "keep" not in inspect.signature(SOLVERS[self.solver]).parameters:
+                raise ValueError(f"correction_steps: solver {self.solver!r} does not keep iterates (no 'keep')")
+            extra["keep"] = keep
+        return SOLVERS[self.solver](f, z0, max_iter=self.max_iter, tol=self.tol, stop=self.stop, **extra,
+                                    **self.options)
 
     def stats(self, res: SolveResult, **extra) -> SolverStats:
         """The report of a solve run with these settings (the one place a SolveResult becomes statistics)."""
@@ -100,10 +108,14 @@ class Tracker:
     ``autograd=True`` is for a caller that records every step for autograd and returns its last iterate
     (unrolled differentiation, weight-tied layers): every sample keeps running until all have stopped (no
     working-set compaction), and the result reports the last step instead of the best iterate.
+
+    ``keep`` > 0 (fixed-point correction): after each of the steps ``snapshot_steps(max_iter, keep)`` a copy of
+    the best iterate so far of every sample (``autograd``: the step's iterate) is kept, [B, L] each; a solve
+    that ends before such a step keeps its result there. ``SolveResult.iterates``: the ``keep`` copies in order.
     """
 
     def __init__(self, z0: torch.Tensor, tol: float, stop: str, max_iter: int, eps: float = 1e-8, *,
-                 autograd: bool = False):
+                 autograd: bool = False, keep: int = 0):
         if stop not in ("rel", "abs"):
             raise ValueError(f"stop: expected 'rel' or 'abs', got {stop!r}")
         if max_iter < 1:
@@ -117,6 +129,8 @@ class Tracker:
         self.trace: list[torch.Tensor] = []
         self.nstep = 0
         self.done = False
+        self.keep_at = snapshot_steps(max_iter, keep) if keep else []
+        self.iterates: list[torch.Tensor] = []
 
     def update(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor | None:
         """Record step ``x -> fx`` (residual ``g = fx - x``) for the working set. When some samples stopped,
@@ -132,6 +146,9 @@ class Tracker:
             self.best_abs, self.best_rel = abs_res, rel_res
         else:
             self._keep_best(x, res, abs_res, rel_res, rows)
+        if self.keep_at:
+            for _ in range(self.keep_at.count(self.nstep)):
+                self.iterates.append(x.detach().clone() if self.autograd else self.best.clone())
         self.trace.append(self.best_rel.max())
         keep = ~(res <= self.tol)  # NaN never counts as converged
         n_keep, n_bad = torch.stack([keep.sum(), (~torch.isfinite(res)).sum()]).tolist()  # the one sync
@@ -166,8 +183,16 @@ class Tracker:
         """The best iterate per sample and how it got there (``z``: the caller's last iterate instead)."""
         res = self.best_rel if self.stop == "rel" else self.best_abs
         converged = bool((res <= self.tol).all())
-        return SolveResult(self.best if z is None else z, self.nstep, self.best_abs, self.best_rel, self.trace,
-                           converged)
+        z = self.best if z is None else z
+        iterates = self.iterates + [z.detach()] * (len(self.keep_at) - len(self.iterates))
+        return SolveResult(z, self.nstep, self.best_abs, self.best_rel, self.trace, converged,
+                           iterates=iterates)
+
+
+def snapshot_steps(max_iter: int, keep: int) -> list[int]:
+    """The solver steps after which a Tracker keeps an iterate: ``keep`` evenly spaced steps strictly inside
+    the cap, ``j * max_iter // (keep + 1)`` for j = 1..keep (at least step 1; repeated when keep >= max_iter)."""
+    return [max(1, j * max_iter // (keep + 1)) for j in range(1, keep + 1)]
 
 
 def _compaction(keep: torch.Tensor, n_keep: int):
@@ -188,9 +213,9 @@ def _compaction(keep: torch.Tensor, n_keep: int):
 
 @register_solver("fixed_point")
 def fixed_point(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3,
-                stop: str = "rel", damping: float = 1.0) -> SolveResult:
+                stop: str = "rel", damping: float = 1.0, keep: int = 0) -> SolveResult:
     """Plain (optionally damped) fixed-point iteration z <- (1 - damping) z + damping f(z)."""
-    t = Tracker(z0, tol, stop, max_iter)
+    t = Tracker(z0, tol, stop, max_iter, keep=keep)
     x = z0
     while True:
         fx = f(x, t.rows)
@@ -205,7 +230,7 @@ def fixed_point(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: 
 @register_solver("anderson")
 def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3, stop: str = "rel",
              m: int = 5, lam: float = 1e-4, beta: float = 1.0, stall: int = 0, stall_factor: float = 0.9,
-             stall_damping: float = 0.5) -> SolveResult:
+             stall_damping: float = 0.5, keep: int = 0) -> SolveResult:
     """Anderson acceleration (type II) with history ``m``, Tikhonov regularisation ``lam`` (relative to the
     mean squared residual in the history) and mixing ``beta``.
 
@@ -221,7 +246,7 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
     """
     if m < 1:
         raise ValueError(f"m: Anderson history must be >= 1, got {m}")
-    t = Tracker(z0, tol, stop, max_iter)
+    t = Tracker(z0, tol, stop, max_iter, keep=keep)
     watch = Stagnation(z0, m, stall, stall_factor, stall_damping) if stall else None
     B, L = z0.shape
     F = z0.new_zeros(B, m, L)      # f(x) history
@@ -341,7 +366,7 @@ class Stagnation:
 
 @register_solver("broyden")
 def broyden(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3, stop: str = "rel",
-            memory: int = 16) -> SolveResult:
+            memory: int = 16, keep: int = 0) -> SolveResult:
     """Good Broyden's method on g(z) = f(z) - z, batched per sample, without line search.
 
     The inverse-Jacobian estimate -I + U V^T keeps at most ``memory`` rank-one updates and restarts
@@ -349,7 +374,7 @@ def broyden(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: floa
     """
     if memory < 1:
         raise ValueError(f"memory: must be >= 1, got {memory}")
-    t = Tracker(z0, tol, stop, max_iter)
+    t = Tracker(z0, tol, stop, max_iter, keep=keep)
     B, L = z0.shape
     UTs = z0.new_zeros(B, memory, L)   # U^T and V^T: products with them are row vector x [n, L] matrix
     VTs = z0.new_zeros(B, memory, L)   # (10x faster on CPU than [L, n] or [n, L] x column vector)

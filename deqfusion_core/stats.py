@@ -28,6 +28,7 @@ class SolveResult:
     gates: list[torch.Tensor] = field(default_factory=list)  # per step [N] mean gate per modality
     restarted: int | None = None    # samples whose history stagnation restarted (Anderson ``stall``; else None)
     fell_back: int | None = None    # samples that fell back to damped iteration after a second stall
+    iterates: list[torch.Tensor] = field(default_factory=list)  # kept states [B, L] (Tracker ``keep``)
 
 
 class BackwardReport:
@@ -81,6 +82,9 @@ class SolverStats:
     spectral_radius: torch.Tensor | None = None   # [B] estimate of rho(df/dz) at z* (``spectral_radius_iters``)
     restarted: int | None = None    # samples the solver restarted on stagnation (Anderson ``stall``; else None)
     fell_back: int | None = None    # samples that then fell back to damped iteration
+    # fixed-point correction (``correction_steps``, training): the fused part of f(z_k) [B, dim] at the kept
+    # iterates z_k of the solve (detached), in solve order, each differentiable once through f; else None
+    iterates: list[torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def from_result(cls, res: SolveResult, solver: str, max_iter: int, tol: float, stop: str,

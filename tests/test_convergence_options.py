@@ -1,5 +1,6 @@
 """The convergence options of DEQFusion (issue 10): evaluation cap, spectral radius estimate, stagnation
 detection, Jacobian-weight schedule, normalisation of f, fixed-point correction."""
+import copy
 import warnings
 
 import pytest
@@ -305,3 +306,185 @@ def test_diagonal_jacobian_term_option_is_validated_and_used():
     torch.manual_seed(3)
     full = jacobian_loss(fusion.layer(z, fusion.inject(xs)), z, 1)
     assert torch.allclose(out.jac_loss, expected) and not torch.allclose(out.jac_loss, full)
+
+# -- 6. normalisation of f --------------------------------------------------------------------------------
+from torch.nn.utils import parametrize  # noqa: E402
+
+from deqfusion_core.norms import NORMS, apply_norm, loop_group_norms  # noqa: E402
+from deqfusion_core.solvers import fixed_point  # noqa: E402
+from deqfusion_core.fusion_map import RowMap  # noqa: E402
+
+WIDE = [12, 16, 10]
+
+
+def settle(m, xs):
+    """Anderson's z* (rel residuals), the exact spectral radius there, and plain iteration's residuals."""
+    m.eval()
+    with parametrize.cached():
+        with torch.no_grad():
+            inj = m.inject(xs)
+            z0 = torch.zeros(xs[0].shape[0], m.state_width, dtype=torch.float64)
+            star = m.solve(z0, inj)
+            plain = fixed_point(RowMap(m.layer, inj), z0, max_iter=300, tol=1e-12)
+        return star.rel_residuals, exact_radius(m, star.z, inj), plain.rel_residuals
+
+
+def test_contractive_norm_makes_f_contractive_where_the_plain_one_is_not():
+    torch.manual_seed(2)
+    plain = DEQFusion(WIDE, 16, num_groups=2, f_max_iter=300, f_tol=1e-12, jac_samples=0).double()
+    with torch.no_grad():                       # larger GroupNorm gains: not contractive at its fixed point
+        for gn in loop_group_norms(plain):
+            gn.weight.mul_(2.0)
+    normed = apply_norm(copy.deepcopy(plain), "contractive")          # the same weights, normalised
+    xs = inputs(WIDE, batch=6, dtype=torch.float64)
+    star, rho, iterated = settle(plain, xs)
+    assert (star < 1e-8).all()                  # Anderson reaches a fixed point ...
+    assert rho.max() > 1.05                     # ... where df/dz has an eigenvalue outside the unit circle
+    assert iterated.max() > 1e-2                # and plain iteration does not get there
+    star, rho, iterated = settle(normed, xs)
+    assert (star < 1e-8).all() and rho.max() < 0.95    # measured 0.88
+    assert (iterated < 1e-6).all()
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_norms_parametrize_f_and_keep_it_trainable(norm):
+    m = model(norm=norm, contractive=False, f_max_iter=30, f_tol=1e-6)
+    fuse = m.fusion
+    linears = [fuse.gate, fuse.fuse] + [b.lin2 for b in m.blocks]
+    assert all(parametrize.is_parametrized(layer, "weight") for layer in linears)
+    assert parametrize.is_parametrized(m.blocks[0].lin1) == (norm != "contractive")
+    assert all(parametrize.is_parametrized(gn, "weight") for gn in loop_group_norms(m)) == (norm == "contractive")
+    assert not any(parametrize.is_parametrized(p) for p in m.proj)     # the injection is left alone
+    xs = inputs(DIMS, dtype=torch.float64)
+    out = m.train()(xs)
+    (out.fused ** 2).sum().backward()
+    assert torch.isfinite(out.fused).all()
+    grads = [p.grad for n, p in m.named_parameters() if "original" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert torch.isfinite(m.eval()(xs).fused).all()
+
+
+def test_a_state_dict_round_trip_with_a_norm():
+    xs = inputs(DIMS, dtype=torch.float64)
+    for norm in ("spectral", "contractive"):
+        m = model(norm=norm, seed=0, contractive=False, f_max_iter=30)
+        m.train()(xs)                           # spectral: the power iteration's vectors move in training
+        state = m.state_dict()
+        assert any("parametrizations" in k for k in state)
+        fresh = model(norm=norm, seed=1, contractive=False, f_max_iter=30)
+        fresh.load_state_dict(state)
+        torch.testing.assert_close(fresh.eval()(xs).fused, m.eval()(xs).fused, rtol=0, atol=0)
+    keys = set(model(contractive=False).state_dict())   # the default keeps checkpoints as they were
+    assert not any("parametrizations" in k for k in keys)
+    assert keys == set(DEQFusion(DIMS, dim=8, num_groups=2, norm=None).state_dict())
+
+
+@pytest.mark.parametrize("kw,name", [(dict(norm="batch"), "norm: unknown norm 'batch'"),
+                                     (dict(norm="contractive", norm_options={"max_gain": 0}), "norm_options"),
+                                     (dict(norm="weight", norm_options={"max_gain": 1.0}), "norm_options"),
+                                     (dict(norm_options={"max_gain": 1.0}), "norm_options"),
+                                     (dict(norm="spectral", norm_options=[1]), "norm_options")])
+def test_norm_is_validated(kw, name):
+    with pytest.raises(ValueError, match=name):
+        DEQFusion(DIMS, dim=8, num_groups=2, **kw)
+
+
+def test_fusion_options_take_the_norm():
+    from deqfusion_core.options import FusionOptions
+
+    m = FusionOptions({"norm": "contractive", "norm_options": {"max_gain": 0.5}}).build(DIMS, 8, num_groups=2)
+    assert m.norm == "contractive" and m.blocks[0].gn1.parametrizations.weight[0].max_gain == 0.5
+
+
+# -- 7. fixed-point correction ----------------------------------------------------------------------------
+from deqfusion_core.correction import correction_loss, correction_weights  # noqa: E402
+from deqfusion_core.solvers import snapshot_steps  # noqa: E402
+
+
+def test_correction_gradient_matches_autograd_on_the_trajectory_and_finite_differences():
+    m = model(solver="fixed_point", f_max_iter=12, f_tol=1e-300, correction_steps=3).train()
+    xs = inputs(DIMS, dtype=torch.float64)
+    out = m(xs)
+    assert len(out.stats.iterates) == 3 and out.stats.iterates[0].shape == (4, 8)
+    target = torch.randn(4, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    loss_fn = lambda fused: ((fused - target) ** 2).sum() ** 1.5
+    params = [p for p in m.parameters()]
+    got = torch.autograd.grad(correction_loss(loss_fn, out.stats.iterates, gamma=0.5), params, allow_unused=True)
+
+    # the same trajectory by hand: plain iteration from zero, kept after the steps [3, 6, 9]
+    assert snapshot_steps(12, 3) == [3, 6, 9]
+    kept, z = [], torch.zeros(4, m.state_width, dtype=torch.float64)
+    with torch.no_grad():
+        inj = m.inject(xs)
+        for step in range(1, 10):
+            if step in (3, 6, 9):
+                kept.append(z)
+            z = m.layer(z, inj)
+
+    def reference():
+        inj = m.inject(xs)
+        return sum(w * loss_fn(m.fused(m.layer(zk, inj))) for w, zk in zip([0.25, 0.5, 1.0], kept))
+    want = torch.autograd.grad(reference(), params, allow_unused=True)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    weight = m.blocks[1].lin2.weight
+    index = next(i for i, p in enumerate(params) if p is weight)
+    direction = torch.randn(weight.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():                     # central difference along a direction of lin2's weight
+        eps, old = 1e-5, weight.clone()
+        weight.copy_(old + eps * direction)
+        up = reference()
+        weight.copy_(old - eps * direction)
+        down = reference()
+        weight.copy_(old)
+    slope = float((got[index] * direction).sum())
+    assert abs(slope) > 1e-3 and slope == pytest.approx(float((up - down) / (2 * eps)), rel=1e-6)
+
+
+def test_correction_keeps_the_result_when_the_solve_stops_early():
+    m = model(f_max_iter=60, f_tol=1e-6, correction_steps=3).train()    # kept after steps 15, 30, 45
+    out = m(inputs(DIMS, dtype=torch.float64))
+    assert 15 <= out.stats.nstep < 30 and out.stats.converged             # measured: 17
+    torch.testing.assert_close(out.stats.iterates[-1], out.stats.iterates[-2], rtol=0, atol=0)
+    assert not torch.equal(out.stats.iterates[0], out.stats.iterates[1])
+    torch.testing.assert_close(out.stats.iterates[-1], m.fused(m.layer(out.stats.state, m.inject(
+        inputs(DIMS, dtype=torch.float64)))), rtol=1e-12, atol=1e-12)
+
+
+def test_correction_steps_zero_changes_nothing():
+    xs = inputs(DIMS, dtype=torch.float64)
+    results = []
+    for steps in (0, 3):
+        m = model(f_max_iter=20, f_tol=1e-8, correction_steps=steps).train()
+        out = m(xs)
+        (out.fused ** 2).sum().backward()
+        results.append((out, [p.grad for p in m.parameters()]))
+        assert m.eval()(xs).stats.iterates is None             # eval forwards keep none
+    (off, g_off), (on, g_on) = results
+    assert off.stats.iterates is None and len(on.stats.iterates) == 3
+    assert torch.equal(off.fused, on.fused) and off.stats.nstep == on.stats.nstep
+    assert torch.equal(off.stats.rel_residuals, on.stats.rel_residuals)
+    assert all(torch.equal(a, b) for a, b in zip(g_off, g_on))
+
+
+def test_correction_with_the_unrolled_backward():
+    m = model(backward="unrolled", f_max_iter=10, f_tol=1e-300, correction_steps=2).train()
+    out = m(inputs(DIMS, dtype=torch.float64))
+    assert len(out.stats.iterates) == 2 and all(t.requires_grad for t in out.stats.iterates)
+
+
+def test_correction_weights_and_validation():
+    assert correction_weights(3, 0.5) == [0.25, 0.5, 1.0]
+    x = torch.ones(2, requires_grad=True)
+    assert correction_loss(lambda t: t.sum(), [x, 2 * x], gamma=0.5).item() == pytest.approx(0.5 * 2 + 4)
+    with pytest.raises(ValueError, match="iterates"):
+        correction_loss(lambda t: t.sum(), None)
+    with pytest.raises(ValueError, match="gamma"):
+        correction_loss(lambda t: t.sum(), [x], gamma=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="correction_steps"):
+            DEQFusion(DIMS, dim=8, num_groups=2, correction_steps=bad)
+    with pytest.raises(ValueError, match="correction_steps: needs equilibrium"):
+        DEQFusion(DIMS, dim=8, num_groups=2, correction_steps=2, equilibrium=False)
