@@ -54,6 +54,13 @@ RECIPES = {
     "cap40_jac03": ({"f_max_iter": 40}, {"f_max_iter": 100}, 0.3, "cap40 with Jacobian weight 0.3"),
     "cap80": ({"f_max_iter": 80}, {"f_max_iter": 100}, 0.1, "forward cap 80 (evaluation 100), backward cap 10"),
     "cap80_jac03": ({"f_max_iter": 80}, {"f_max_iter": 100}, 0.3, "cap80 with Jacobian weight 0.3"),
+    "cap40_full_jac1": ({"f_max_iter": 40}, {"f_max_iter": 100}, 1.0, "cap40 with the full Jacobian term at weight 1"),
+    "cap40_diagonal_jac1": ({"f_max_iter": 40, "jac_term": "diagonal"}, {"f_max_iter": 100}, 1.0,
+                            "cap40 with the diagonal-block Jacobian term at weight 1"),
+    "recipe": ({"f_max_iter": 40, "jac_term": "diagonal", "jac_weight": 0.1, "jac_schedule": "linear",
+                "jac_weight_final": 1.0, "jac_schedule_steps": 1600}, {"f_max_iter": 100}, None,
+               "the shipped recipe after issue 10: cap40, diagonal-block Jacobian term ramped 0.1 -> 1.0 "
+               "(DEQFusion attaches it)"),
 }
 
 
@@ -165,6 +172,18 @@ def resolve(fusion, inj, batch: int, solver: str, iters: int) -> torch.Tensor:
         return get_solver(solver)(f, z0, max_iter=iters, tol=1e-9, stop="rel").rel_residuals
 
 
+def jacobian_terms(fusion, inj, z: torch.Tensor, samples: int = 16) -> dict:
+    """The full Jacobian term and its diagonal blocks' part at z (Hutchinson, ``samples`` probes)."""
+    from deqfusion_core.jacobian import jacobian_loss
+
+    with torch.enable_grad():
+        z = z.detach().requires_grad_()
+        fz = fusion.layer(z, inj)
+        full = jacobian_loss(fz, z, samples, create_graph=False)
+        diagonal = jacobian_loss(fz, z, samples, create_graph=False, blocks=fusion.num_modalities + 1)
+    return {"jacobian_full": float(f"{float(full):.4g}"), "jacobian_diagonal": float(f"{float(diagonal):.4g}")}
+
+
 def quantiles(t: torch.Tensor) -> list[float]:
     return [float(f"{float(t.quantile(q)):.4g}") for q in (0.5, 0.9, 1.0)]
 
@@ -182,6 +201,7 @@ def diagnose(model, image, text) -> dict:
             "fixed_point200_q50_q90_max": quantiles(resolve(fusion, inj, len(rho), "fixed_point", 200)),
             "feature_norm_mean": [round(float(x.norm(dim=1).mean()), 3) for x in xs],
             "fused_norm_mean": round(float(out.fused.norm(dim=1).mean()), 3),
+            **jacobian_terms(fusion, inj, out.stats.state),
             "gain_mean": {name: round(float(m.weight.abs().mean()), 4) for name, m in fusion.named_modules()
                           if isinstance(m, nn.GroupNorm)},
             "corr_rho_min_feature_norm": round(float(np.corrcoef(
@@ -229,7 +249,7 @@ def run(recipe: str, seed: int, updates: int, diag_every: int, log_every: int, d
         logits = model(image[b], text[b])
         ce = F.cross_entropy(logits, y[b])
         jac, stats = model.last
-        loss = ce + jac_weight * jac
+        loss = ce if jac_weight is None else ce + jac_weight * jac    # None: DEQFusion attaches its own
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -265,6 +285,10 @@ def run(recipe: str, seed: int, updates: int, diag_every: int, log_every: int, d
             "train_seconds": round(train_seconds, 1)}
 
 
+def _jac(d: dict) -> str:
+    return f"{d['jacobian_full']:.3g} / {d['jacobian_diagonal']:.3g}" if "jacobian_full" in d else "–"
+
+
 def _gains(d: dict) -> str:
     gains = d.get("gain_mean", {})
     last = [v for k, v in gains.items() if k.endswith("gn3")] + [v for k, v in gains.items() if k == "fusion.gn"]
@@ -281,8 +305,8 @@ def summarize(out: Path) -> str:
              "quantiles 50/90/max over the diagnosed batch at the last diagnosis.", "",
              "| recipe | seed | val acc | val converged | val steps | train converged (last 1/4) | train steps | "
              "train CE | rho q50/q90/max | plain iteration 200 steps: max rel res | Anderson 200: max | fused norm | "
-             "last GroupNorm gains (blocks, fuse) | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "last GroupNorm gains (blocks, fuse) | Jacobian term full / diagonal | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         d = r["diagnostics"][-1] if r["diagnostics"] else {}
         rho = "/".join(f"{v:.2f}" for v in d.get("rho_q50_q90_max", [])) or "–"
@@ -292,9 +316,10 @@ def summarize(out: Path) -> str:
         lines.append(f"| {r['recipe']} | {r['seed']} | {v['accuracy']:.4f} | {v.get('converged_fraction', 0):.2f} | "
                      f"{v.get('mean_steps', 0):.1f} | {r['train_converged_fraction_last_quarter']:.2f} | "
                      f"{r['train_mean_steps_last_quarter']:.1f} | {r['train_cross_entropy_last_quarter']:.3f} | {rho} | "
-                     f"{fp} | {an} | {d.get('fused_norm_mean', '–')} | {_gains(d)} | {r['train_seconds']:.0f} |")
+                     f"{fp} | {an} | {d.get('fused_norm_mean', '–')} | {_gains(d)} | {_jac(d)} | {r['train_seconds']:.0f} |")
     lines += ["", "Recipes:", ""] + [f"- `{k}`: {v[3]}; options {json.dumps({**SHIPPED, **v[0]})}, evaluation "
-                                     f"{json.dumps(v[1])}, Jacobian weight {v[2]}" for k, v in RECIPES.items()]
+                                     f"{json.dumps(v[1])}, Jacobian weight {'in the options' if v[2] is None else v[2]}"
+                                     for k, v in RECIPES.items()]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text
