@@ -17,6 +17,11 @@ from .stats import SolveResult, SolverStats
 
 __all__ = ["DEQFusion", "DEQFusionOutput"]
 
+# Defaults the paper does not state, chosen by measurement (docs/convergence.md, issue 10): forward cap 40 in training
+# and at least EVAL_MAX_ITER in evaluation, relative tolerance 1e-2 (the paper's Fig. 4 reads convergence at 1e-2),
+# the implicit backward truncated at 10 steps / 1e-3 (solved tighter, it let the spectral radius of df/dz grow past 1).
+EVAL_MAX_ITER = 100
+
 # DEQFusion's argument names for the fields of its two solve configs (error messages name them)
 FORWARD_ARGS = dict(solver="solver", max_iter="f_max_iter", tol="f_tol", stop="f_stop", options="solver_options")
 BACKWARD_ARGS = dict(solver="b_solver", max_iter="b_max_iter", tol="b_tol", stop="b_stop", options="b_solver_options")
@@ -68,7 +73,8 @@ class DEQFusion(FusionMap):
             ``jac_schedule_steps`` training forwards. The count is the buffer ``jac_forwards`` (kept in
             checkpoints; only registered for a schedule other than ``constant``); ``current_jac_weight`` is the
             weight of the latest training forward, ``jac_weight_at(start)`` the same from another start weight.
-        f_max_iter_eval: the forward iteration cap in eval mode (``not self.training``); ``None``: ``f_max_iter``.
+        f_max_iter_eval: the forward iteration cap in eval mode (``not self.training``); ``None``: the larger of
+            ``f_max_iter`` and 100.
             Ours (the paper uses one cap). ``stats.max_iter`` reports the cap a forward used.
         spectral_radius_iters: if > 0, after each forward solve estimate the spectral radius of df/dz at z*
             per sample by that many power iterations on the VJP (``contraction.spectral_radius``; no gradient,
@@ -118,9 +124,9 @@ class DEQFusion(FusionMap):
     def __init__(self, input_dims: Sequence[int], dim: int | None = None, *, num_groups: int = 4,
                  dropout: float = 0.0, modality_blocks: bool = True, fuse_block: bool = True,
                  gating: bool = True, equilibrium: bool = True, num_layers: int = 1,
-                 solver: str = "anderson", f_max_iter: int = 30, f_tol: float = 1e-3, f_stop: str = "rel",
+                 solver: str = "anderson", f_max_iter: int = 40, f_tol: float = 1e-2, f_stop: str = "rel",
                  solver_options: dict | None = None, backward: str = "implicit", b_solver: str | None = None,
-                 b_max_iter: int = 30, b_tol: float = 1e-4, b_solver_options: dict | None = None,
+                 b_max_iter: int = 10, b_tol: float = 1e-3, b_solver_options: dict | None = None,
                  phantom_steps: int = 5, phantom_damping: float = 0.8,
                  jac_samples: int = 1, jac_weight: float = 0.0, jac_term: str = "full", track_gates: bool = False,
                  extrapolate_warm_start: bool = True, f_max_iter_eval: int | None = None,
@@ -247,7 +253,9 @@ class DEQFusion(FusionMap):
         """The forward solve's settings for the current mode: ``forward_solve``, with the cap ``f_max_iter_eval``
         in eval mode when that is set."""
         cap = self.f_max_iter_eval
-        if self.training or cap is None or cap == self.forward_solve.max_iter:
+        if cap is None:
+            cap = max(self.forward_solve.max_iter, EVAL_MAX_ITER)
+        if self.training or cap == self.forward_solve.max_iter:
             return self.forward_solve
         cached = self.__dict__.get("_eval_solve")
         if cached is None or cached[0] is not self.forward_solve or cached[1] != cap:

@@ -44,8 +44,12 @@ def test_eval_cap_is_used_in_eval_mode_only_and_reported():
     assert m.eval()(xs).stats.max_iter == 40 and m.train()(xs).stats.max_iter == 5
 
 
-def test_eval_cap_default_is_the_training_cap():
+def test_eval_cap_default_is_the_larger_of_the_training_cap_and_100():
     m = model(f_max_iter=4, f_tol=1e-12).eval()
+    assert m(inputs(DIMS, dtype=torch.float64)).stats.max_iter == 100
+    m = model(f_max_iter=150, f_tol=1e-12).eval()
+    assert m(inputs(DIMS, dtype=torch.float64)).stats.max_iter == 150
+    m = model(f_max_iter=4, f_tol=1e-12).train()
     assert m(inputs(DIMS, dtype=torch.float64)).stats.max_iter == 4
 
 

@@ -91,7 +91,7 @@ def test_remove_restores_mmf_and_apply_again_shims_it():
     finally:
         INTEGRATION.apply(None, {})
     assert configuration.get_default_config_path() == str(mmf_rc10.DEFAULTS)
-    assert registry.mapping["fusion_name_mapping"]["deq"]([4, 4], 4, num_groups=2).deq.f_max_iter == 30
+    assert registry.mapping["fusion_name_mapping"]["deq"]([4, 4], 4, num_groups=2).deq.f_max_iter == 40
 
 
 def test_env_resolver_in_defaults():
