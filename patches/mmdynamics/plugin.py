@@ -19,14 +19,14 @@ from deqfusion_core.integration import Integration
 from deqfusion_core.process import import_isolated
 
 from . import protocol
-from .head import PAPER
+from .head import CONVERGENCE, PAPER
 
 
 class MmdynamicsIntegration(Integration):
     name = "mmdynamics"
     summary = "MM-Dynamics (BRCA/ROSMAP): DEQ fusion of the confidence-weighted views instead of concatenation"
     env_var, marker, repository = "DEQFUSION_MMDYNAMICS_ROOT", "train_test.py", "TencentAILabHealthcare/mmdynamics"
-    option_defaults = {"jac_weight": PAPER["jac_weight"]}
+    option_defaults = {"jac_weight": PAPER["jac_weight"], **CONVERGENCE}
     compat = ("deqfusion_compat.mmdynamics",)
 
     def install(self, upstream, options):
