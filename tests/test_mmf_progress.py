@@ -2,7 +2,7 @@
 import io
 import logging
 
-from deqfusion_adapters.mmf.progress import console
+from deqfusion_adapters.mmf.progress import console, converged_fraction
 
 SOLVER = ("deq solver (update 200): 200 solves, mean steps 14.6/15, max rel residual 2.52e-01, "
           "not converged 145/200 (tol 0.01)")
@@ -17,7 +17,7 @@ VAL = ("progress: 400/1600, val/total_loss: 0.7784, val/easy_vqa/cross_entropy: 
 def test_console_echoes_progress_with_solver_lines_and_stops_after():
     out, log = io.StringIO(), logging.getLogger("mmf.train")
     log.setLevel(logging.INFO)
-    with console(out):
+    with console(out) as handler:
         for line in (SOLVER, TRAIN, "Logging to: somewhere", EVAL_SOLVER, VAL):
             log.info(line)
     lines = out.getvalue().splitlines()
@@ -27,6 +27,9 @@ def test_console_echoes_progress_with_solver_lines_and_stops_after():
     assert lines[0].endswith("eta 01m 33s")
     assert lines[1].startswith("val at  400/1600  accuracy 0.6672")
     assert "converged 25/77 solves" in lines[1]
+    assert [r["where"] for r in handler.solves] == ["update 200", "evaluation"]
+    assert converged_fraction(handler.solves, 1600) is None            # nothing after update 1200
+    assert converged_fraction(handler.solves, 200) == 55 / 200
     log.info(TRAIN)                     # the handler is gone after the context
     assert len(out.getvalue().splitlines()) == 2
 

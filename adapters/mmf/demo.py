@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import CONFIG_DIR
-from .progress import console
+from .progress import console, converged_fraction
 
 
 def evaluate(model, dataset, batch_size: int = 64):
@@ -61,7 +61,7 @@ def main(args) -> int:
     # MMF's logger (training.stdout_capture) takes over sys.stdout: progress and results go to the real one
     print = functools.partial(builtins.print, file=sys.__stdout__, flush=True)  # noqa: A001
     print(f"== training fusion {args.fusion} in MMF ({config.name}); MMF's full log: {out / 'save' / 'train.log'}")
-    with console(sys.__stdout__):
+    with console(sys.__stdout__) as progress:
         run(opts=opts + list(args.mmf_opts))
     model = FusionClassifier.last_built() if FusionClassifier.last_built else None
     if model is None:
@@ -69,8 +69,8 @@ def main(args) -> int:
         return 1
     val = EasyVQABuilder().load(registry.get("config").dataset_config.easy_vqa, "val")
     acc, stats = evaluate(model, val, int(registry.get("config").training.batch_size))
-    result = {"fusion": args.fusion, "val_accuracy": acc, "val_samples": len(val),
-              "train_seconds": round(time.time() - t0, 1)}
+    result = {"command": "deqfusion " + " ".join(sys.argv[1:]), "fusion": args.fusion, "fusion_options": options,
+              "val_accuracy": acc, "val_samples": len(val), "train_seconds": round(time.time() - t0, 1)}
     print(f"\n== easy-VQA, fusion {args.fusion}: validation accuracy {acc:.4f} ({len(val)} questions, "
           f"best checkpoint), {result['train_seconds']} s")
     if stats:
@@ -81,6 +81,9 @@ def main(args) -> int:
                             "max_rel_residual": max(s.rel_residual for s in stats), "tol": stats[0].tol,
                             "converged_batches": sum(s.converged for s in stats), "batches": len(stats),
                             "converged_samples": int((residuals <= stats[0].tol).sum()), "samples": len(residuals)}
+        max_updates = int(registry.get("config").training.max_updates)
+        result["solver"]["train_converged_fraction_last_quarter"] = converged_fraction(progress.solves, max_updates)
+        result["solver_log"] = progress.solves
         solver = result["solver"]
         print(f"== DEQ solver on validation: mean steps {solver['mean_steps']:.1f}/{solver['max_iter']}, max rel "
               f"residual {solver['max_rel_residual']:.2e}, converged {solver['converged_batches']}/{len(stats)} batches, "

@@ -14,7 +14,7 @@ import logging
 import re
 from typing import Iterator, TextIO
 
-__all__ = ["ConsoleProgress", "console"]
+__all__ = ["ConsoleProgress", "console", "converged_fraction"]
 
 SOLVER_LINE = re.compile(r"deq solver \((?P<where>[^)]*)\): (?P<count>\d+) solves, mean steps (?P<steps>[\d.]+)/"
                          r"(?P<cap>\d+), max rel residual (?P<res>\S+), not converged (?P<bad>\d+)/\d+")
@@ -36,6 +36,7 @@ class ConsoleProgress(logging.Handler):
     def __init__(self, stream: TextIO):
         super().__init__(logging.INFO)
         self.stream, self.solver = stream, ""
+        self.solves: list[dict] = []     # every DEQ solver line: where ("update 200", "evaluation"), counts, steps
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -45,6 +46,8 @@ class ConsoleProgress(logging.Handler):
         match = SOLVER_LINE.search(message)
         if match:
             count, bad = int(match["count"]), int(match["bad"])
+            self.solves.append({"where": match["where"], "solves": count, "converged": count - bad,
+                                "mean_steps": float(match["steps"]), "max_rel_residual": float(match["res"])})
             self.solver = (f"deq: mean steps {float(match['steps']):.1f}/{match['cap']}, converged {count - bad}/{count} "
                            f"solves, max rel res {float(match['res']):.1e}")
             return
@@ -66,6 +69,14 @@ class ConsoleProgress(logging.Handler):
         self.solver = ""
         self.stream.write(line.rstrip() + "\n")
         self.stream.flush()
+
+
+def converged_fraction(solves: list[dict], max_updates: int, last: float = 0.25) -> float | None:
+    """Converged fraction of the training solves logged after update ``(1 - last) * max_updates``."""
+    rows = [r for r in solves if r["where"].startswith("update ")
+            and int(r["where"].split()[1]) > (1 - last) * max_updates]
+    total = sum(r["solves"] for r in rows)
+    return sum(r["converged"] for r in rows) / total if total else None
 
 
 @contextlib.contextmanager
