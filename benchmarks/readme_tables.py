@@ -53,7 +53,7 @@ def render(summary: dict, source: str) -> str:
         sv = arm["solver"]
         conv = "–" if not sv else (f"{_ms(sv['train_converged_fraction_last_quarter'], 2)} / "
                                    f"{_ms(sv['eval_converged_fraction'], 2)}")
-        steps = "–" if not sv else f"{_ms(sv['mean_steps'], 1)} of {sv['max_iter']}"
+        steps = "–" if not sv else _ms(sv['mean_steps'], 1)   # max_iter in the summary is the evaluation cap
         lines.append(f"| {name} ({arm['fusion']}) | " + " | ".join(cells) + f" | {conv} | {steps} | "
                      f"{_time(arm['wall_s']['mean'])} |")
     for pair in summary["paired"]:
