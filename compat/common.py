@@ -11,6 +11,7 @@ import collections
 import collections.abc
 import functools
 import importlib
+import importlib.util
 import inspect
 import sys
 import types
@@ -84,6 +85,14 @@ def cuda_on_cpu():
 
 
 # -- stand-in modules --------------------------------------------------------------------------------------
+def missing(module: str) -> bool:
+    """No spec for ``module`` (a missing parent package counts as missing)."""
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
+
+
 def import_error(module: str) -> str | None:
     """Why ``import module`` fails here (``None`` when it works). Broken builds raise more than ImportError;
     a stand-in another shim put in place does not count as working."""

@@ -24,6 +24,8 @@ import types
 
 from deqfusion_core.compat import shim, swap, watch_imports
 
+from .common import missing
+
 UPSTREAM = "mmf-main"
 OFF_VARIABLE = "DEQFUSION_MMF_SHIMS_OFF"
 
@@ -35,13 +37,6 @@ def install() -> None:
 
 def switched_off(name: str) -> bool:
     return name in {n.strip() for n in os.environ.get(OFF_VARIABLE, "").split(",")}
-
-
-def missing(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is None
-    except (ImportError, ValueError):  # a parent package that is itself missing
-        return True
 
 
 def before_mmf(reason: str, needed, name: str):

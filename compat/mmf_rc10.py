@@ -23,6 +23,7 @@ from pathlib import Path
 from deqfusion_core.compat import restore, shim, swap, use, watch_imports
 
 from . import common
+from .common import missing
 
 # rc10 ships no configs: the project's own, packaged with the MMF adapter
 CONFIGS = Path(importlib.util.find_spec("deqfusion_adapters.mmf").origin).parent / "configs"
@@ -33,13 +34,6 @@ DATASET_CONFIGS = CONFIGS / "datasets"
 def install() -> None:
     """Make ``import mmf`` work on the current stack (idempotent): apply the shims when MMF imports."""
     watch_imports("mmf")
-
-
-def missing(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is None
-    except (ImportError, ValueError):  # a parent package that is itself missing
-        return True
 
 
 def before_mmf(reason: str, needed, name: str):
