@@ -141,8 +141,8 @@ def test_study_runs_both_arms_per_seed_and_resumes(tmp_path, toy_env):
         assert r["machine"].endswith("1 torch thread") and r["smoke"] is True
     deq = next(r for r in runs if r["arm"] == "deq")
     assert deq["solver"]["train_solves"] == 3 and 0 <= deq["solver"]["train_converged_fraction_last_quarter"] <= 1
-    # the evaluation cap: DEQFusion's f_max_iter_eval None = the larger of f_max_iter and 100
-    assert deq["solver"]["max_iter"] == 100 and deq["solver"]["eval_solves"] == 6   # val and test after each step
+    assert deq["solver"]["max_iter"] == 6 and deq["solver"]["eval_solves"] == 6   # val and test after each step
+    assert deq["solver"]["max_iter_eval"] == 100      # f_max_iter_eval None: the larger of f_max_iter and 100   # val and test after each step
     assert next(r for r in runs if r["arm"] == "baseline")["solver"] is None
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["seeds"] == [1, 2] and summary["paired"][0]["seeds"] == [1, 2]

@@ -25,7 +25,8 @@ class _Solve:
 class SolverRecorder:
     solves: list[_Solve] = field(default_factory=list)
     tol: float | None = None
-    max_iter: int | None = None
+    max_iter: int | None = None          # the training solves' cap
+    max_iter_eval: int | None = None     # the evaluation solves' cap (DEQFusion's f_max_iter_eval)
     stop: str | None = None
     _handle: Any = None
 
@@ -50,7 +51,11 @@ class SolverRecorder:
         rel = stats.rel_residual
         self.solves.append(_Solve(bool(training), bool(stats.converged), int(stats.nstep),
                                   float(rel) if math.isfinite(rel) else float("inf")))
-        self.tol, self.max_iter, self.stop = float(stats.tol), int(stats.max_iter), str(stats.stop)
+        self.tol, self.stop = float(stats.tol), str(stats.stop)
+        if training:
+            self.max_iter = int(stats.max_iter)
+        else:
+            self.max_iter_eval = int(stats.max_iter)
 
     def summary(self) -> dict[str, Any] | None:
         """RESULTS.md's ``solver`` object; None when no DEQ ran. ``mean_steps`` and the training converged
@@ -65,5 +70,5 @@ class SolverRecorder:
         return {"train_converged_fraction_last_quarter": frac(last), "eval_converged_fraction": frac(evals),
                 "mean_steps": mean(last), "mean_steps_eval": mean(evals),
                 "max_rel_residual_eval": max((s.rel_residual for s in evals), default=None),
-                "tol": self.tol, "max_iter": self.max_iter, "stop": self.stop,
+                "tol": self.tol, "max_iter": self.max_iter, "max_iter_eval": self.max_iter_eval, "stop": self.stop,
                 "train_solves": len(train), "eval_solves": len(evals)}

@@ -77,6 +77,7 @@ def summarize(records: Sequence[dict], *, study: str, integration: str, metric: 
             entry["solver"]["max_rel_residual_eval"]["max"] = max(worst) if worst else None
             entry["solver"]["tol"] = solvers[-1].get("tol")
             entry["solver"]["max_iter"] = solvers[-1].get("max_iter")
+            entry["solver"]["max_iter_eval"] = solvers[-1].get("max_iter_eval")
         out["arms"][arm["name"]] = entry
     fusion_arms = [a["name"] for a in arms if a["is_fusion"]]
     for f in fusion_arms:
@@ -163,12 +164,12 @@ def render_markdown(s: dict) -> str:
     solver_arms = {a: v["solver"] for a, v in arms.items() if v["solver"]}
     if solver_arms:
         lines += ["", "## Convergence of the DEQ solves (per solve: every sample of the batch within tolerance)", "",
-                  "| arm | " + " | ".join(SOLVER_FIELDS.values()) + " | tol | max iter |",
+                  "| arm | " + " | ".join(SOLVER_FIELDS.values()) + " | tol | max iter (train / eval) |",
                   "|---|" + "---|" * (len(SOLVER_FIELDS) + 2)]
         for a, sv in solver_arms.items():
             cells = [(_num(sv[f].get("max")) + " (max over seeds)") if f == "max_rel_residual_eval"
                      else _ms(sv[f], 3) for f in SOLVER_FIELDS]
-            lines.append(f"| {a} | " + " | ".join(cells) + f" | {_num(sv['tol'])} | {sv['max_iter']} |")
+            lines.append(f"| {a} | " + " | ".join(cells) + f" | {_num(sv['tol'])} | {sv['max_iter']} / {sv.get('max_iter_eval') or '–'} |")
     lines += ["", "## Wall time per run (mean ± std over seeds; total)", "", "| arm | per run | total |",
               "|---|---|---|"]
     for a, v in arms.items():
