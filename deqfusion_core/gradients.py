@@ -120,6 +120,9 @@ class Implicit(SolveThenDifferentiate):
         g0 = None if warm is None else warm.backward_state
         if g0 is not None and g0.shape != fz.shape:
             g0 = None
+        keep = inj.state_mask(m.dim)
+        if g0 is not None and keep is not None:   # absent parts of g stay zero: start them there
+            g0 = torch.where(keep, g0, 0.0)
         report = BackwardReport(m.backward_solve)
         backward = ImplicitBackward(m.layer, res.z, inj, m.backward_solve, g0)
         return Equilibrium(_ImplicitGrad.apply(fz, z, backward, report), res, jac, report)
