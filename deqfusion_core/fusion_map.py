@@ -92,7 +92,8 @@ class FuseBlock(nn.Module):
             purified = z_fuse * gates
             if gate_means is not None:              # per-sample mean alpha_i per modality [b, N], for Fig. 3
                 w, b = self.gate.weight.mean(0), self.gate.bias.mean()
-                gate_means.append(torch.stack([(z_fuse + z) @ w + b for z in zs], 1).detach().float())
+                means = torch.stack([(z_fuse + z) @ w + b for z in zs], 1).detach().float()
+                gate_means.append(means if present is None else means.masked_fill(~present, float("nan")))
         out = self.fuse(purified)
         if fuse_mask is not None:
             out = out * fuse_mask
@@ -216,16 +217,18 @@ class FusionMap(nn.Module):
 
 class GateTrace:
     """Per solver step, the mean gate value per modality over the batch (paper Fig. 3); samples the solver
-    stopped keep their last gates."""
+    stopped keep their last gates. ``masked`` (a modality mask in use): the mean over the samples where the
+    modality is present (absent ones record NaN; NaN for a modality absent from the whole batch)."""
 
-    def __init__(self, batch: int, num_modalities: int, device: torch.device):
+    def __init__(self, batch: int, num_modalities: int, device: torch.device, masked: bool = False):
         self.last = torch.zeros(batch, num_modalities, dtype=torch.float32, device=device)
         self.means: list[torch.Tensor] = []
+        self.mean = torch.nanmean if masked else torch.mean
 
     def record(self, step: list[torch.Tensor], rows: torch.Tensor | None = None):
         if step:   # nothing when f has no gates (gating=False, fuse_block=False)
             self.last[slice(None) if rows is None else rows] = step[0]
-            self.means.append(self.last.mean(0))
+            self.means.append(self.mean(self.last, 0))
 
 
 class RowMap:

@@ -235,7 +235,7 @@ def unroll(m, z0: torch.Tensor, inj: Injection, max_iter: int, tol: float, stop:
     """Plain fixed-point iteration recorded by autograd: every sample runs until all reached ``tol``
     (``-inf``: exactly ``max_iter`` steps). Returns the last iterate, with its graph, and the SolveResult
     (``keep``: with that many detached iterates, as :class:`~deqfusion_core.solvers.Tracker` keeps them)."""
-    gates = GateTrace(z0.shape[0], m.num_modalities, z0.device) if m.track_gates else None
+    gates = GateTrace(z0.shape[0], m.num_modalities, z0.device, inj.present is not None) if m.track_gates else None
     f = RowMap(m.layer, inj, gates)
     t = Tracker(z0, tol, stop, max_iter, autograd=True, keep=keep)
     z = z0

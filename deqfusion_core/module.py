@@ -243,7 +243,8 @@ class DEQFusion(FusionMap):
     @torch.compiler.disable
     def solve(self, z0: torch.Tensor, inj: Injection) -> SolveResult:
         """The forward root solve from z0, without an autograd tape (``forward_solve`` settings)."""
-        gates = GateTrace(z0.shape[0], self.num_modalities, z0.device) if self.track_gates else None
+        gates = GateTrace(z0.shape[0], self.num_modalities, z0.device, inj.present is not None) \
+            if self.track_gates else None
         keep = self.correction_steps if self.training and torch.is_grad_enabled() else 0
         with torch.no_grad():
             res = self.active_solve.run(RowMap(self.layer, inj, gates), z0, keep)

@@ -150,10 +150,10 @@ def test_samples_with_one_modality_converge_at_the_default_tolerance():
 
 def test_implicit_gradient_with_a_mask_matches_finite_differences_float64():
     m = model().train()
-    xs = inputs(DIMS, batch=4, dtype=torch.float64, requires_grad=True)
-    present = MASK
+    xs = inputs(DIMS, batch=3, dtype=torch.float64, requires_grad=True)
+    present = MASK[1:]
     assert torch.autograd.gradcheck(lambda a, b, c: m([a, b, c], present=present).fused, tuple(xs),
-                                    eps=1e-6, atol=1e-6)
+                                    eps=1e-6, atol=1e-6, fast_mode=True)
     out, g, _ = run(m, xs, present=present)
     assert out.stats.converged and out.stats.backward.converged
     # parameter gradient: a central difference along a random direction
@@ -192,7 +192,7 @@ def test_a_none_modality_equals_an_all_false_column_with_zeros():
 
 @pytest.mark.parametrize("solver", ["anderson", "broyden", "fixed_point"])
 def test_every_solver_reaches_the_masked_fixed_point_with_absent_states_at_zero(solver):
-    m = model(solver=solver, f_tol=1e-11, f_max_iter=400).eval()
+    m = model(solver=solver, f_tol=1e-9, f_max_iter=400).eval()
     xs = inputs(DIMS, batch=4, dtype=torch.float64)
     with torch.no_grad():
         out = m(xs, present=MASK)
@@ -200,7 +200,7 @@ def test_every_solver_reaches_the_masked_fixed_point_with_absent_states_at_zero(
         inj = m.inject(xs, MASK)
         fz = m.layer(z, inj)
     assert out.stats.converged
-    assert ((fz - z).norm(dim=1) / fz.norm(dim=1)).max() <= 1e-10
+    assert ((fz - z).norm(dim=1) / fz.norm(dim=1)).max() <= 1e-8
     assert z.view(4, 4, 8)[:, :3][~MASK].abs().max() == 0
 
 
@@ -209,7 +209,7 @@ def test_jacobian_rows_and_columns_of_absent_states_are_zero():
     xs = inputs(DIMS, batch=4, dtype=torch.float64)
     z = m(xs, present=MASK).stats.state
     inj = m.inject(xs, MASK)
-    J = torch.autograd.functional.jacobian(lambda s: m.layer(s, inj), z)   # [B, L, B, L]
+    J = torch.autograd.functional.jacobian(lambda s: m.layer(s, inj), z, vectorize=True)   # [B, L, B, L]
     absent = ~inj.state_mask(m.dim)
     for b in range(4):
         Jb = J[b, :, b]
@@ -239,7 +239,7 @@ def test_warm_start_with_a_mask_gives_the_cold_answer_and_holds_absent_states_at
 
 
 def test_modality_dropout_never_drops_everything_and_is_off_in_eval():
-    m = model(torch.float32, modality_dropout=0.5)
+    m = model(torch.float32, modality_dropout=0.5, f_tol=1e-4, f_max_iter=30, f_max_iter_eval=30)
     torch.manual_seed(0)
     drawn = m.train()._drop_modalities(None, 20000)
     assert drawn.any(1).all()
@@ -253,7 +253,7 @@ def test_modality_dropout_never_drops_everything_and_is_off_in_eval():
     assert m.eval()._drop_modalities(given, given.shape[0]) is given
     # behaviour: eval output equals the model without modality dropout; training output differs from it
     xs = inputs(DIMS, batch=8)
-    plain = model(torch.float32)
+    plain = model(torch.float32, f_tol=1e-4, f_max_iter=30, f_max_iter_eval=30)
     with torch.no_grad():
         assert torch.equal(m.eval()(xs).fused, plain.eval()(xs).fused)
         torch.manual_seed(1)
@@ -286,3 +286,29 @@ def test_bad_masks_are_clear_errors_naming_present():
     if torch.cuda.is_available():
         with pytest.raises(TypeError, match="present: on cuda"):
             m(xs, present=torch.ones(4, 3, dtype=torch.bool, device="cuda"))
+
+
+def test_gate_trace_averages_over_the_samples_where_a_modality_is_present():
+    m = model(torch.float32, track_gates=True, f_tol=1e-6, f_max_iter=100).eval()
+    xs = inputs(DIMS, batch=4)
+    present = MASK.clone()
+    present[:, 2] = False
+    with torch.no_grad():
+        out = m(xs, present=present)
+    gates, z = out.stats.gates, out.stats.state.view(4, 4, 8)
+    assert torch.isfinite(gates[:, :2]).all() and torch.isnan(gates[:, 2]).all()
+    w, b = m.fusion.gate.weight.mean(0), m.fusion.gate.bias.mean()
+    per_sample = (z[:, 3] + z[:, 0]) @ w + b                       # modality 0's mean gate, at the fixed point
+    torch.testing.assert_close(gates[-1, 0], per_sample[present[:, 0]].mean(), rtol=0, atol=1e-5)
+    assert (per_sample[present[:, 0]].mean() - per_sample.mean()).abs() > 1e-3   # the absent rows would change it
+
+
+def test_bfloat16_autocast_with_a_mask():
+    m = model(torch.float32, f_tol=1e-2, f_max_iter=30, b_tol=1e-2, b_max_iter=30, jac_samples=1, jac_weight=0.1)
+    xs = inputs(DIMS, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(poisoned(xs, MASK), present=MASK)
+        loss = out.fused.float().pow(2).mean()
+    loss.backward()
+    assert torch.isfinite(out.fused.float()).all()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
