@@ -312,3 +312,16 @@ def test_bfloat16_autocast_with_a_mask():
     loss.backward()
     assert torch.isfinite(out.fused.float()).all()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_fixed_point_correction_and_dropout_with_a_mask():
+    m = model(torch.float32, f_tol=1e-4, f_max_iter=30, b_tol=1e-4, b_max_iter=20, dropout=0.1,
+              correction_steps=2).train()
+    xs = inputs(DIMS, batch=4, requires_grad=True)
+    torch.manual_seed(2)
+    a = m(poisoned(xs, MASK, 0.0), present=MASK)
+    torch.manual_seed(2)
+    b = m(poisoned(xs, MASK), present=MASK)
+    assert len(b.stats.iterates) == 2
+    for u, v in zip([*a.stats.iterates, a.fused], [*b.stats.iterates, b.fused]):
+        assert torch.isfinite(v).all() and torch.equal(u, v)
