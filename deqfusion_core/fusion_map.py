@@ -8,6 +8,15 @@ is the fixed point of f = (f_1, ..., f_N, f_fuse):
     f_fuse(z; x)      = GN(ReLU(W_f sum_i alpha_i * z_fuse + x_fuse))                Eq. 10-11
     x_fuse            = sum_i w_i x_i + b                                            Eq. 12
 
+Missing modalities (ours; issue 13): ``inject(xs, present)`` takes a boolean mask [B, N]. For a sample, an
+absent modality i takes no part: its input is replaced by zero before anything reads it (``torch.where``, so
+NaN there never enters arithmetic and its gradient is zero), f_i is the constant 0 (its state is held at
+zero; the Jacobian's rows and columns of z_i are zero), the gate's sum of Eq. 9-11 runs over the present
+modalities (N_p z_fuse + sum_present z_i, N_p b_a), and x_fuse = (N / N_p) sum_present w_i x_i + b (the sum
+over the present modalities rescaled by their count, so x_fuse keeps its scale; with equal w_i, as
+initialised, this is exactly the weights renormalised over the present ones; we do not divide by
+sum_present w_i, which learned weights may bring near zero). ``present=None`` is the all-present map.
+
 :class:`FusionMap` holds f's parameters and is used in two calls: ``inj = inject(xs)`` computes the
 constants of one forward (projected inputs, x_fuse, dropout masks) and ``layer(z, inj)`` applies f to the
 flat state z [B, (N+1)*d]. :class:`~deqfusion_core.module.DEQFusion` adds the solve and the gradient.
@@ -66,18 +75,25 @@ class FuseBlock(nn.Module):
         self.fuse = nn.Linear(dim, dim)
         self.gn = GroupNorm(num_groups, dim)
 
-    def forward(self, z_fuse, zs, x_fuse, gate_mask=None, fuse_mask=None, gate_means=None):
+    def forward(self, z_fuse, zs, x_fuse, gate_mask=None, fuse_mask=None, gate_means=None, present=None):
+        """``present`` [b, N] bool or None: the sum runs over the present modalities, whose states ``zs`` are
+        the only nonzero ones (absent ones are zero), and N is their count per sample."""
         if self.gate is None:                       # Table 6 ablation: z'_i = z_i
             purified = sum(zs)
-        else:
+        elif present is None:
             n = len(zs)
             gates = F.linear(n * z_fuse + sum(zs), self.gate.weight, n * self.gate.bias)
+        else:
+            n = present.sum(1, keepdim=True).to(z_fuse.dtype)
+            gates = torch.addcmul(F.linear(n * z_fuse + sum(zs), self.gate.weight), n, self.gate.bias)
+        if self.gate is not None:
             if gate_mask is not None:
                 gates = gates * gate_mask
             purified = z_fuse * gates
             if gate_means is not None:              # per-sample mean alpha_i per modality [b, N], for Fig. 3
                 w, b = self.gate.weight.mean(0), self.gate.bias.mean()
-                gate_means.append(torch.stack([(z_fuse + z) @ w + b for z in zs], 1).detach().float())
+                means = torch.stack([(z_fuse + z) @ w + b for z in zs], 1).detach().float()
+                gate_means.append(means if present is None else means.masked_fill(~present, float("nan")))
         out = self.fuse(purified)
         if fuse_mask is not None:
             out = out * fuse_mask
@@ -85,18 +101,28 @@ class FuseBlock(nn.Module):
 
 
 class Injection:
-    """The per-forward constants of f: projected inputs, x_fuse (Eq. 12) and the dropout masks.
+    """The per-forward constants of f: projected inputs, x_fuse (Eq. 12), the dropout masks and the modality
+    mask ``present`` [B, N] bool (None: all present).
 
     Row-selectable (``select(rows)``), so that f can run on the samples a solver still iterates.
     """
 
     def __init__(self, xs: list[torch.Tensor], x_fuse: torch.Tensor, gate_mask: torch.Tensor | None = None,
-                 fuse_mask: torch.Tensor | None = None):
+                 fuse_mask: torch.Tensor | None = None, present: torch.Tensor | None = None):
         self.xs, self.x_fuse, self.gate_mask, self.fuse_mask = xs, x_fuse, gate_mask, fuse_mask
+        self.present = present
 
     def select(self, rows: torch.Tensor) -> "Injection":
         pick = lambda t: None if t is None else t[rows]
-        return Injection([x[rows] for x in self.xs], self.x_fuse[rows], pick(self.gate_mask), pick(self.fuse_mask))
+        return Injection([x[rows] for x in self.xs], self.x_fuse[rows], pick(self.gate_mask), pick(self.fuse_mask),
+                         pick(self.present))
+
+    def state_mask(self, dim: int) -> torch.Tensor | None:
+        """Which entries of the flat state [B, (N+1)*dim] take part (absent modalities' parts: False)."""
+        if self.present is None:
+            return None
+        keep = torch.cat([self.present, self.present.new_ones(self.present.shape[0], 1)], 1)
+        return keep[:, :, None].expand(-1, -1, dim).reshape(keep.shape[0], -1)
 
 
 class FusionMap(nn.Module):
@@ -145,11 +171,20 @@ class FusionMap(nn.Module):
         """Width of the flat state z = (z_1, ..., z_N, z_fuse)."""
         return (self.num_modalities + 1) * self.dim
 
-    def inject(self, xs: Sequence[torch.Tensor]) -> Injection:
-        """The constants of f for one forward: projected inputs, x_fuse (Eq. 12) and the dropout masks."""
-        xs = [p(x) for p, x in zip(self.proj, xs)]
-        x_fuse = sum(w * x for w, x in zip(self.weights, xs)) + self.bias
-        return Injection(xs, x_fuse, *self._dropout_masks(x_fuse))
+    def inject(self, xs: Sequence[torch.Tensor], present: torch.Tensor | None = None) -> Injection:
+        """The constants of f for one forward: projected inputs, x_fuse (Eq. 12) and the dropout masks.
+
+        ``present`` [B, N] bool (checked by the caller; None: all present): absent inputs are replaced by zero
+        before the projection and after it (see the module docstring for x_fuse)."""
+        if present is None:
+            xs = [p(x) for p, x in zip(self.proj, xs)]
+            x_fuse = sum(w * x for w, x in zip(self.weights, xs)) + self.bias
+            return Injection(xs, x_fuse, *self._dropout_masks(x_fuse))
+        cols = present[:, :, None].unbind(1)
+        xs = [torch.where(c, p(torch.where(c, x, 0.0)), 0.0) for p, x, c in zip(self.proj, xs, cols)]
+        count = present.sum(1, keepdim=True).to(xs[0].dtype)
+        x_fuse = sum(w * x for w, x in zip(self.weights, xs)) * (self.num_modalities / count) + self.bias
+        return Injection(xs, x_fuse, *self._dropout_masks(x_fuse), present)
 
     def layer(self, z: torch.Tensor, inj: Injection, gate_means: list | None = None) -> torch.Tensor:
         """One application of f to the flat state z [b, (N+1)*dim]; ``gate_means`` collects the
@@ -160,10 +195,12 @@ class FusionMap(nn.Module):
             new = list(inj.xs)
         else:
             new = [blk(zi, xi) for blk, zi, xi in zip(self.blocks, zs[:n], inj.xs)]
+            if inj.present is not None:   # an absent modality's f_i is the constant 0
+                new = [torch.where(c, v, 0.0) for v, c in zip(new, inj.present[:, :, None].unbind(1))]
         if self.fusion is None:
             z_fuse = sum(new)
         else:
-            z_fuse = self.fusion(zs[n], new, inj.x_fuse, inj.gate_mask, inj.fuse_mask, gate_means)
+            z_fuse = self.fusion(zs[n], new, inj.x_fuse, inj.gate_mask, inj.fuse_mask, gate_means, inj.present)
         return torch.stack([*new, z_fuse], 1).view(b, -1).to(z.dtype)
 
     def fused(self, z: torch.Tensor) -> torch.Tensor:
@@ -180,16 +217,18 @@ class FusionMap(nn.Module):
 
 class GateTrace:
     """Per solver step, the mean gate value per modality over the batch (paper Fig. 3); samples the solver
-    stopped keep their last gates."""
+    stopped keep their last gates. ``masked`` (a modality mask in use): the mean over the samples where the
+    modality is present (absent ones record NaN; NaN for a modality absent from the whole batch)."""
 
-    def __init__(self, batch: int, num_modalities: int, device: torch.device):
+    def __init__(self, batch: int, num_modalities: int, device: torch.device, masked: bool = False):
         self.last = torch.zeros(batch, num_modalities, dtype=torch.float32, device=device)
         self.means: list[torch.Tensor] = []
+        self.mean = torch.nanmean if masked else torch.mean
 
     def record(self, step: list[torch.Tensor], rows: torch.Tensor | None = None):
         if step:   # nothing when f has no gates (gating=False, fuse_block=False)
             self.last[slice(None) if rows is None else rows] = step[0]
-            self.means.append(self.last.mean(0))
+            self.means.append(self.mean(self.last, 0))
 
 
 class RowMap:

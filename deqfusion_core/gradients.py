@@ -120,6 +120,9 @@ class Implicit(SolveThenDifferentiate):
         g0 = None if warm is None else warm.backward_state
         if g0 is not None and g0.shape != fz.shape:
             g0 = None
+        keep = inj.state_mask(m.dim)
+        if g0 is not None and keep is not None:   # absent parts of g stay zero: start them there
+            g0 = torch.where(keep, g0, 0.0)
         report = BackwardReport(m.backward_solve)
         backward = ImplicitBackward(m.layer, res.z, inj, m.backward_solve, g0)
         return Equilibrium(_ImplicitGrad.apply(fz, z, backward, report), res, jac, report)
@@ -232,7 +235,7 @@ def unroll(m, z0: torch.Tensor, inj: Injection, max_iter: int, tol: float, stop:
     """Plain fixed-point iteration recorded by autograd: every sample runs until all reached ``tol``
     (``-inf``: exactly ``max_iter`` steps). Returns the last iterate, with its graph, and the SolveResult
     (``keep``: with that many detached iterates, as :class:`~deqfusion_core.solvers.Tracker` keeps them)."""
-    gates = GateTrace(z0.shape[0], m.num_modalities, z0.device) if m.track_gates else None
+    gates = GateTrace(z0.shape[0], m.num_modalities, z0.device, inj.present is not None) if m.track_gates else None
     f = RowMap(m.layer, inj, gates)
     t = Tracker(z0, tol, stop, max_iter, autograd=True, keep=keep)
     z = z0

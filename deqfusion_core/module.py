@@ -103,7 +103,17 @@ class DEQFusion(FusionMap):
             ``correction.correction_loss(loss_fn, [*out.stats.iterates, out.fused])`` (weights gamma^(K-k),
             the final output 1). Costs one f application per kept iterate; eval forwards keep none.
 
-    ``forward(xs, z0=None, warm_start=None)`` returns ``DEQFusionOutput(fused, jac_loss, stats)``.
+        modality_dropout: in training, each modality of each sample is dropped (marked absent, as by ``present``)
+            with probability p in [0, 1), on top of any given mask; a sample whose draw would drop all its present
+            modalities keeps one of them, chosen uniformly. No effect in eval. Ours (issue 13), not the paper's.
+
+    ``forward(xs, z0=None, warm_start=None, present=None)`` returns ``DEQFusionOutput(fused, jac_loss, stats)``.
+    ``present`` [B, N] bool marks which modality of each sample is there (None: all; an entry ``xs[i] = None``:
+    modality i absent from the whole batch). For a sample, an absent modality takes no part in the equilibrium
+    (its block is not applied and its state held at zero; it is left out of x_fuse and of the gate's sum, see
+    ``fusion_map``), so whatever its input holds (zeros, NaN) changes nothing and its gradient is zero. Every
+    sample needs at least one present modality (else ``ValueError``). A mask with every entry True is the same
+    as None: bit-identical results (checking it costs one host synchronisation per forward with a mask).
     ``z0`` is an initial state (e.g. ``stats.state`` of an earlier call on the same samples);
     ``warm_start`` is an earlier call's stats, warm-starting both the forward and the backward solve; when
     that call was itself warm-started and both forward solves converged, the forward starts from the
@@ -132,7 +142,7 @@ class DEQFusion(FusionMap):
                  extrapolate_warm_start: bool = True, f_max_iter_eval: int | None = None,
                  spectral_radius_iters: int = 0, jac_schedule: str = "constant",
                  jac_weight_final: float | None = None, jac_schedule_steps: int = 0, norm: str | None = None,
-                 norm_options: dict | None = None, correction_steps: int = 0):
+                 norm_options: dict | None = None, correction_steps: int = 0, modality_dropout: float = 0.0):
         super().__init__(input_dims, dim, num_groups=num_groups, dropout=dropout, modality_blocks=modality_blocks,
                          fuse_block=fuse_block, gating=gating)
         apply_norm(self, norm, norm_options)
@@ -174,6 +184,10 @@ class DEQFusion(FusionMap):
             raise ValueError(f"correction_steps: must be an int >= 0, got {correction_steps!r}")
         if correction_steps and not equilibrium:
             raise ValueError("correction_steps: needs equilibrium=True (the weight-tied ablation has no solve)")
+        if not isinstance(modality_dropout, (int, float)) or isinstance(modality_dropout, bool) \
+                or not 0 <= modality_dropout < 1:
+            raise ValueError(f"modality_dropout: must be a number in [0, 1), got {modality_dropout!r}")
+        self.modality_dropout = float(modality_dropout)
         if not 0 < phantom_damping <= 1:
             raise ValueError(f"phantom_damping: must be in (0, 1], got {phantom_damping!r}")
         self.equilibrium, self.num_layers = equilibrium, num_layers
@@ -190,16 +204,17 @@ class DEQFusion(FusionMap):
                 f"f_tol={self.f_tol}, backward={self.backward}")
 
     # -- forward --------------------------------------------------------------------------------------
-    def forward(self, xs: Sequence[torch.Tensor], z0: torch.Tensor | None = None,
-                warm_start: SolverStats | None = None) -> DEQFusionOutput:
+    def forward(self, xs: Sequence[torch.Tensor | None], z0: torch.Tensor | None = None,
+                warm_start: SolverStats | None = None, present: torch.Tensor | None = None) -> DEQFusionOutput:
         # with a norm, the parametrized weights are computed once per forward: the solve sees one fixed f
         if self.norm is None:
-            return self._forward(xs, z0, warm_start)
+            return self._forward(xs, z0, warm_start, present)
         with normalised_once(self):
-            return self._forward(xs, z0, warm_start)
+            return self._forward(xs, z0, warm_start, present)
 
-    def _forward(self, xs, z0, warm_start) -> DEQFusionOutput:
-        inj = self.inject(self._check_inputs(xs))
+    def _forward(self, xs, z0, warm_start, present) -> DEQFusionOutput:
+        xs, present = self._check_inputs(xs, present)
+        inj = self.inject(xs, present)
         if self.training and self.jac_schedule != "constant":
             with torch.no_grad():
                 self.jac_forwards += 1
@@ -228,7 +243,8 @@ class DEQFusion(FusionMap):
     @torch.compiler.disable
     def solve(self, z0: torch.Tensor, inj: Injection) -> SolveResult:
         """The forward root solve from z0, without an autograd tape (``forward_solve`` settings)."""
-        gates = GateTrace(z0.shape[0], self.num_modalities, z0.device) if self.track_gates else None
+        gates = GateTrace(z0.shape[0], self.num_modalities, z0.device, inj.present is not None) \
+            if self.track_gates else None
         keep = self.correction_steps if self.training and torch.is_grad_enabled() else 0
         with torch.no_grad():
             res = self.active_solve.run(RowMap(self.layer, inj, gates), z0, keep)
@@ -264,15 +280,73 @@ class DEQFusion(FusionMap):
         return cached[2]
 
     # -- inputs and the initial state -----------------------------------------------------------------
-    def _check_inputs(self, xs) -> list[torch.Tensor]:
+    def _check_inputs(self, xs, present=None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The inputs (a ``None`` entry: zeros, that modality absent from the whole batch) and the checked mask
+        (None when every modality of every sample is present: then f is exactly the unmasked one)."""
         if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
             raise TypeError(f"xs: expected a list of {self.num_modalities} tensors [B, d_i], got {type(xs).__name__}")
         if len(xs) != self.num_modalities:
             raise ValueError(f"xs: expected {self.num_modalities} modality tensors (input_dims={self.input_dims}), "
                              f"got {len(xs)}")
+        missing = [i for i, x in enumerate(xs) if x is None]
+        if len(missing) == len(xs):
+            raise ValueError("xs: every modality is None; at least one must be given")
+        ref = self._check_tensors(xs)
+        xs = [ref.new_zeros(ref.shape[0], d) if x is None else x for x, d in zip(xs, self.input_dims)]
+        present = self._check_present(present, ref.shape[0], missing)
+        return xs, self._drop_modalities(present, ref.shape[0])
+
+    def _check_present(self, present, batch: int, missing: list[int]) -> torch.Tensor | None:
+        n, device = self.num_modalities, self.weights.device
+        if present is None and not missing:
+            return None
+        if present is None:
+            present = torch.ones(batch, n, dtype=torch.bool, device=device)
+        else:
+            if not isinstance(present, torch.Tensor):
+                raise TypeError(f"present: expected a bool tensor [B, {n}], got {type(present).__name__}")
+            if present.dtype != torch.bool:
+                raise TypeError(f"present: expected dtype torch.bool, got {present.dtype}")
+            if present.shape != (batch, n):
+                raise ValueError(f"present: expected shape [{batch}, {n}] (batch, modalities), got "
+                                 f"{list(present.shape)}")
+            if present.device != device:
+                raise TypeError(f"present: on {present.device}, but DEQFusion's parameters are on {device}")
+            if missing:
+                given = present[:, missing].any(0).tolist()
+                if any(given):
+                    i = missing[given.index(True)]
+                    raise ValueError(f"present: marks modality {i} present for some sample, but xs[{i}] is None")
+        if missing:
+            present = present.clone()
+            present[:, missing] = False
+        everything, filled = torch.stack([present.all(), present.any(1).all()]).tolist()   # one host sync
+        if not filled:
+            rows = (~present.any(1)).nonzero()[:, 0].tolist()
+            raise ValueError(f"present: sample(s) {rows[:10]} have no modality present; at least one is needed")
+        return None if everything else present
+
+    def _drop_modalities(self, present: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """``modality_dropout`` in training: each present modality of each sample dropped with probability p;
+        a sample whose draw drops all keeps one of its present modalities, chosen uniformly."""
+        p = self.modality_dropout
+        if not (self.training and p > 0):
+            return present
+        ref = self.weights
+        if present is None:
+            present = torch.ones(batch, self.num_modalities, dtype=torch.bool, device=ref.device)
+        kept = present & (torch.rand(present.shape, device=ref.device) >= p)
+        pick = torch.rand(present.shape, device=ref.device).masked_fill(~present, -1.0).argmax(1, keepdim=True)
+        rescue = ~kept.any(1, keepdim=True) & torch.zeros_like(present).scatter_(1, pick, True)
+        return kept | rescue
+
+    def _check_tensors(self, xs) -> torch.Tensor:
+        """Check the given (not None) tensors; returns the first."""
         ref = None
         param = self.weights
         for i, (x, d) in enumerate(zip(xs, self.input_dims)):
+            if x is None:
+                continue
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"xs[{i}]: expected a tensor, got {type(x).__name__}")
             if x.dim() != 2 or x.shape[1] != d:
@@ -282,17 +356,18 @@ class DEQFusion(FusionMap):
             if x.device != param.device:
                 raise TypeError(f"xs[{i}]: on {x.device}, but DEQFusion's parameters are on {param.device}")
             if ref is None:
-                ref = x
+                ref, first = x, i
                 continue
             if x.shape[0] != ref.shape[0]:
-                raise ValueError(f"xs[{i}]: batch size {x.shape[0]} differs from xs[0]'s {ref.shape[0]}")
+                raise ValueError(f"xs[{i}]: batch size {x.shape[0]} differs from xs[{first}]'s {ref.shape[0]}")
             if x.dtype != ref.dtype and not torch.is_autocast_enabled(x.device.type):
-                raise TypeError(f"xs[{i}]: dtype {x.dtype} differs from xs[0]'s {ref.dtype}")
-        return list(xs)
+                raise TypeError(f"xs[{i}]: dtype {x.dtype} differs from xs[{first}]'s {ref.dtype}")
+        return ref
 
     def _initial_state(self, inj: Injection, z0: torch.Tensor | None, warm: SolverStats | None) -> torch.Tensor:
         """z0, else the warm start's (extrapolated) state, else zeros; at least float32 (Anderson's small
-        solves and the residuals need it)."""
+        solves and the residuals need it). Absent modalities' parts are zero (``Injection.state_mask``): their
+        states are held there, so they add nothing to the residual norms."""
         x_fuse = inj.x_fuse
         batch, dtype = x_fuse.shape[0], torch.promote_types(x_fuse.dtype, torch.float32)
         if warm is not None and z0 is None:
@@ -302,7 +377,9 @@ class DEQFusion(FusionMap):
         if not isinstance(z0, torch.Tensor) or z0.shape != (batch, self.state_width):
             shape = list(z0.shape) if isinstance(z0, torch.Tensor) else type(z0).__name__
             raise ValueError(f"z0: expected a state of shape [{batch}, {self.state_width}], got {shape}")
-        return z0.detach().to(dtype)
+        keep = inj.state_mask(self.dim)
+        z0 = z0.detach().to(dtype)
+        return z0 if keep is None else torch.where(keep, z0, 0.0)
 
     def _warm_state(self, warm: SolverStats) -> torch.Tensor | None:
         z, prev = warm.state, warm.previous_state
