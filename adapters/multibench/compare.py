@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deqfusion_core.compare import (Comparison, RunOutcome, Selection, arg_value, deq_option_args,
+from deqfusion_core.compare import (Comparison, RunOutcome, Selection, arg_value, deq_option_args, deq_recipe_keys,
                                     deq_settings, split_deq_options)
 
 __all__ = ["MultiBenchComparison"]
@@ -32,17 +32,9 @@ def _kind(upstream_args) -> str:
 
 
 class MultiBenchComparison(Comparison):
-    integration = "multibench"
-    study = "multibench"
-    baseline = "concat"
-    metric = "accuracy"
-    selections = ("val",)
-    fusion_keys = {
-        "fusion": "the fusion (its type, its arguments; for DEQ, its solver and gradient settings)",
-        "fusion.jac_weight": "DEQ recipe: Jacobian weight",
-        "fusion.fusion_lr": "DEQ recipe: the fusion's learning rate",
-        "fusion.options.dropout": "DEQ recipe: dropout in the fusion",
-    }
+    integration, study, baseline, metric, selections = "multibench", "multibench", "concat", "accuracy", ("val",)
+    fusion_keys = {"fusion": "the fusion (its type, its arguments; for DEQ, its solver and gradient settings)",
+                   **deq_recipe_keys("fusion.", "jac_weight", "fusion_lr"), **deq_recipe_keys("fusion.options.", "dropout")}
 
     def study_name(self, upstream_args):
         data = _data(upstream_args)

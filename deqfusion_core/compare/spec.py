@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["Arm", "Comparison", "RunOutcome", "Selection", "deq_settings", "deq_option_args", "split_deq_options",
+__all__ = ["Arm", "Comparison", "deq_recipe_keys", "RunOutcome", "Selection", "deq_settings", "deq_option_args", "split_deq_options",
            "arg_value"]
 
 DEQ_OPTION = "--deq-option"   # KEY=VALUE: a fusion option of the fusion arm, carried in its argv
@@ -95,6 +95,15 @@ class RunOutcome:
 
 
 Progress = Callable[..., None]   # progress(done=, total=, unit=, metric={name: value})
+
+
+RECIPE_ROLES = {"jac_weight": "DEQ recipe: Jacobian weight", "dropout": "DEQ recipe: dropout in the fusion",
+                "fusion_lr": "DEQ recipe: the fusion's learning rate"}
+
+
+def deq_recipe_keys(prefix: str, *names: str) -> dict[str, str]:
+    """``fusion_keys`` entries for the DEQ recipe's settings under ``prefix`` (default: jac_weight, dropout)."""
+    return {prefix + n: RECIPE_ROLES[n] for n in (names or ("jac_weight", "dropout"))}
 
 
 class Comparison:

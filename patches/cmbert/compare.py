@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from deqfusion_core.compare import (Comparison, RunOutcome, Selection, arg_value, deq_option_args, deq_settings,
+from deqfusion_core.compare import (Comparison, RunOutcome, Selection, arg_value, deq_option_args, deq_recipe_keys, deq_settings,
                                     split_deq_options)
 
 __all__ = ["CmbertComparison", "run_classifier_args"]
@@ -61,14 +61,9 @@ class _EvalLog(logging.Handler):
 
 
 class CmbertComparison(Comparison):
-    integration = "cmbert"
-    study = "cmu_mosi"
-    baseline = "add"
-    metric = "acc"
-    selections = ("val",)
+    integration, study, baseline, metric, selections = "cmbert", "cmu_mosi", "add", "acc", ("val",)
     fusion_keys = {"fusion": "the fusion (the upstream's addition, or DEQ with its solver and gradient settings)",
-                   "fusion.deq.jac_weight": "DEQ recipe: Jacobian weight",
-                   "fusion.deq.dropout": "DEQ recipe: dropout in the fusion"}
+                   **deq_recipe_keys("fusion.deq.")}
     not_compared = {"args.output_dir": "where the run writes", "args.cache_dir": "BERT's download cache",
                     "workdir": "the run's work folder"}
 

@@ -14,7 +14,7 @@ import runpy
 from pathlib import Path
 from typing import Any
 
-from deqfusion_core.compare import (Comparison, RunOutcome, Selection, arg_value, deq_option_args, deq_settings,
+from deqfusion_core.compare import (Comparison, RunOutcome, Selection, arg_value, deq_option_args, deq_recipe_keys, deq_settings,
                                     split_deq_options)
 
 __all__ = ["McanComparison"]
@@ -24,14 +24,9 @@ PER_TYPE = re.compile(r"^(yes/no|number|other) : ([\d.]+)$")
 
 
 class McanComparison(Comparison):
-    integration = "mcan"
-    study = "vqa2_mcan"
-    baseline = "sum"
-    metric = "accuracy"
-    selections = ("final",)
+    integration, study, baseline, metric, selections = "mcan", "vqa2_mcan", "sum", "accuracy", ("final",)
     fusion_keys = {"fusion": "the fusion (the upstream's sum, or DEQ with its solver and gradient settings)",
-                   "fusion.deq.jac_weight": "DEQ recipe: Jacobian weight",
-                   "fusion.deq.dropout": "DEQ recipe: dropout in the fusion"}
+                   **deq_recipe_keys("fusion.deq.")}
     not_compared = {"cfgs.VERSION": "the run's name (its log and checkpoint folder)",
                     "cfgs.CKPT_VERSION": "the run's name (its log and checkpoint folder)"}
 

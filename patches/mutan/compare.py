@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from deqfusion_core.compare import (Comparison, RunOutcome, Selection, arg_value, deq_option_args, deq_settings,
+from deqfusion_core.compare import (Comparison, RunOutcome, Selection, arg_value, deq_option_args, deq_recipe_keys, deq_settings,
                                     split_deq_options)
 
 __all__ = ["MutanComparison"]
@@ -26,14 +26,9 @@ SEEDED = ("vqa.pytorch's train.py seeds nothing; each run seeds random, numpy an
 
 
 class MutanComparison(Comparison):
-    integration = "mutan"
-    study = "vqa2_mutan"
-    baseline = "mutan"
-    metric = "acc1"
-    selections = ("final",)
+    integration, study, baseline, metric, selections = "mutan", "vqa2_mutan", "mutan", "acc1", ("final",)
     fusion_keys = {"fusion": "the classifier's fusion (Mutan's own, or DEQ with its solver and gradient settings)",
-                   "fusion.deq.jac_weight": "DEQ recipe: Jacobian weight",
-                   "fusion.deq.dropout": "DEQ recipe: dropout in the fusion"}
+                   **deq_recipe_keys("fusion.deq.")}
     not_compared = {"args.dir_logs": "where the run writes", "options.logs.dir_logs": "where the run writes"}
 
     def fusions(self):
