@@ -149,6 +149,31 @@ def test_packaged_config_name_resolves():
     assert out[0].endswith("configs/experiments/easy_vqa_deq.yaml") and out[1] == "model=fusion_classifier"
 
 
+SOLVER_KEYS = ("f_max_iter", "f_tol", "b_max_iter", "b_tol")
+
+
+@pytest.mark.parametrize("name", ["experiments/mmimdb_deq.yaml", "baselines/mmimdb/concat_bert_deq.yaml",
+                                  "baselines/hateful_memes/concat_bert_deq.yaml",
+                                  "baselines/hateful_memes/concat_bow_deq.yaml",
+                                  "baselines/hateful_memes/late_fusion_deq.yaml", "baselines/vqa2/movie_mcan_deq.yaml"])
+def test_packaged_deq_configs_write_out_deqfusion_defaults(name):
+    """The solver settings these configs write out (so MMF's command line can override them) are DEQFusion's
+    defaults, and the Jacobian weight the paper's MM-IMDB one."""
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    from deqfusion_core import DEQFusion
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "adapters" / "mmf" / "configs" / name).read_text())
+    (model,) = config["model_config"].values()
+    params = model["fusion"]["params"]
+    defaults = inspect.signature(DEQFusion.__init__).parameters
+    assert {k: params[k] for k in SOLVER_KEYS} == {k: defaults[k].default for k in SOLVER_KEYS}
+    assert params["jac_weight"] == 0.1
+
+
 class _Writer:
     def __init__(self):
         self.anomaly_at_start = None

@@ -4,7 +4,7 @@
       fusion_classifier:
         encoders:   {image: {type: cnn, ...}, text: {type: bow, ...}}   # order = order of the fusion's inputs;
                     # each reads the batch field named like it, or `field: image_feature_0` (`bert`: the tokens)
-        fusion:     {type: deq, params: {jac_weight: 0.1, f_max_iter: 30}}   # or mutan, linear_sum, block, ...
+        fusion:     {type: deq, params: {jac_weight: 0.1}}                  # or mutan, linear_sum, block, ...
         fusion_dim: 128
         num_labels: 13          # null: the dataset's answer vocabulary size (mmimdb, vqa2, ...)
         fusion_lr:  1.0e-4      # optional: the fusion's own learning rate

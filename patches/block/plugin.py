@@ -9,8 +9,8 @@ Patch points (in memory):
   into its output dict: ``jac_loss``, ``deq_nstep``, ``deq_rel_residual``, ``deq_converged``.
 - block's criterion factory wraps each criterion so that ``loss += net_out['jac_loss']``.
 
-Options: ``fusion: {type: deq, input_dims: [...], output_dim: N, mm_dim: 512, jac_weight: 0.1, f_max_iter: 30,
-...}`` (any DEQFusion keyword); the fusion options of ``deqfusion run block`` are the defaults under them.
+Options: ``fusion: {type: deq, input_dims: [...], output_dim: N, mm_dim: 512, jac_weight: 0.1, ...}`` (any
+DEQFusion keyword); the fusion options of ``deqfusion run block`` are the defaults under them.
 Shims: ``deqfusion_compat.vqa``.
 """
 from __future__ import annotations

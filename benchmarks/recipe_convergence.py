@@ -1,0 +1,246 @@
+"""Do the DEQ fusion's solves converge in each shipped recipe? The real upstream training loops, short runs.
+
+A convergence study, not an accuracy one (issue 10, item 3): each run trains briefly on generated or shipped
+data (generators of integration_tests/ where they exist) and records, from every DEQFusion forward in the
+process (``deqfusion_core.compare.record.SolverRecorder``), the fraction of training solves converged over the
+last quarter of training, the fraction of evaluation solves converged, and the mean steps. A solve converged
+when every sample of its batch reached the tolerance. The accuracies of these runs mean nothing and are not
+recorded.
+
+    .venv/bin/python benchmarks/recipe_convergence.py [NAME ...] [--escalate] [--epochs N]
+
+NAME: ``mcan`` (MCAN's run.py, MCAN-small, generated VQA-v2 data in its layout; checkout DEQFUSION_MCAN_ROOT
+or ../shared/upstreams/mcan-vqa), ``cmbert`` (run_classifier's main, one run: CMU-MOSI transcripts from
+../shared/data/cmu_mosi_text, a tiny random BERT and generated audio; DEQFUSION_CMBERT_ROOT),
+``multibench-rosmap`` and ``multibench-mmimdb`` (our MultiBench runner, MultiBench's own train(): ROSMAP from
+../shared/data/rosmap, MM-IMDB generated in its HDF5 layout). Each runs with the integration's defaults as
+shipped; ``--escalate``: while a run stays under 95% (training, last quarter, or evaluation), again with
+``jac_term=diagonal``, then with ``norm=contractive`` too. Appends to ``runs.jsonl`` and rewrites
+``summary.md`` from every run in it (default folder benchmarks/results/recipe_convergence/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+OUT = ROOT / "benchmarks" / "results" / "recipe_convergence"
+TARGET = 0.95
+LADDER = ({}, {"jac_term": "diagonal"}, {"jac_term": "diagonal", "norm": "contractive"})
+sys.path.insert(0, str(ROOT / "integration_tests"))
+
+
+# -- each recipe: its data, the upstream's arguments, the options that only locate files ----------------------------
+def mcan(tmp: Path, epochs: int):
+    import test_mcan
+    import upstreams
+
+    root = upstreams.checkout("DEQFUSION_MCAN_ROOT", "mcan-vqa")
+    if not root:
+        raise SystemExit(upstreams.missing("DEQFUSION_MCAN_ROOT", "mcan-vqa"))
+    checkout = upstreams.writable_copy(root, tmp / "mcan-vqa")
+    splits = {"train": ("train2014", 80, 2), "val": ("val2014", 16, 2), "test": ("test2015", 2, 1)}
+    data, feats, glove = test_mcan.make_dataset(tmp / "data", splits=splits)
+    argv = ["--RUN=train", "--SPLIT=train", "--MODEL=small", "--BS=8", f"--MAX_EPOCH={epochs}", "--VERSION=conv",
+            f"--DATA_PATH={data}", f"--FEAT_PATH={feats}", "--NW=0", "--GPU=0", "--SEED=1"]
+    data_note = "generated VQA-v2 in MCAN's layout (integration_tests/test_mcan.make_dataset): 160 train / 32 val questions"
+    return checkout, argv, {"glove": str(glove)}, data_note
+
+
+def cmbert(tmp: Path, epochs: int):
+    import test_cmbert
+
+    root = os.environ.get("DEQFUSION_CMBERT_ROOT")
+    if not root:
+        raise SystemExit("DEQFUSION_CMBERT_ROOT is unset")
+    rows = {"train": 192, "dev": 48, "test": 48}
+    ws = test_cmbert.write_workspace(tmp, rows)
+    argv = ["--data_dir", str(ws["text"]), "--bert_model", str(ws["bert"]), "--num_train_epochs", str(epochs),
+            "--train_batch_size", "16", "--eval_batch_size", "24", "--test_batch_size", "24"]
+    data_note = (f"CMU-MOSI transcripts (first {rows['train']}/{rows['dev']}/{rows['test']} rows), generated audio "
+                 "[N, 50, 5], a one-layer random BERT (integration_tests/test_cmbert.write_workspace)")
+    return root, argv, {"audio": str(tmp / "audio.pickle"), "workdir": str(tmp / "work")}, data_note
+
+
+def multibench(data_kind: str):
+    def recipe(tmp: Path, epochs: int):
+        import upstreams
+
+        root = upstreams.checkout("DEQFUSION_MULTIBENCH_ROOT", "MultiBench")
+        if not root:
+            raise SystemExit(upstreams.missing("DEQFUSION_MULTIBENCH_ROOT", "MultiBench"))
+        if data_kind == "rosmap":
+            data, limit = SHARED / "data" / "rosmap", []
+            note = "ROSMAP (../shared/data/rosmap), the runner's mogonet recipe"
+        else:
+            from deqfusion_adapters.multibench import mmimdb
+
+            data, limit = mmimdb.write_synthetic(tmp / "multimodal_imdb.hdf5", rows_per_split=256), ["--limit", "256"]
+            note = "MM-IMDB generated in its HDF5 layout (mmimdb.write_synthetic, 256 rows a split)"
+        argv = ["--data", str(data), "--epochs", str(epochs), "--no-early-stop", "--save", str(tmp / "best.pt"),
+                *limit]
+        return root, argv, {}, note
+    return recipe
+
+
+RECIPES = {"mcan": (mcan, 2), "cmbert": (cmbert, 3), "multibench-rosmap": (multibench("rosmap"), 20),
+           "multibench-mmimdb": (multibench("mmimdb"), 5)}
+INTEGRATION = {"mcan": "mcan", "cmbert": "cmbert", "multibench-rosmap": "multibench", "multibench-mmimdb": "multibench"}
+LOCATION_KEYS = ("glove", "audio", "workdir")      # options that only say where files are
+# the options a recipe's command gives over the integration's defaults (docs/recipes.md: `--jac-weight 0.1` for VQA-v2)
+COMMAND_OPTIONS = {"mcan": {"jac_weight": 0.1}}
+
+
+# -- the worker: one training run in its own process ---------------------------------------------------------------
+def worker(job_path: str) -> int:
+    job = json.loads(Path(job_path).read_text())
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from deqfusion_core import plugins
+    from deqfusion_core.compare.record import SolverRecorder
+
+    integ = plugins.get_integration(job["integration"])
+    upstream = integ.locate(job["root"])
+    integ.apply(upstream, job["options"])
+    resolved = {k: v for k, v in dict(integ.options).items() if k not in LOCATION_KEYS}
+    start = time.perf_counter()
+    with SolverRecorder() as recorder:
+        if hasattr(integ, "run_once"):          # CM-BERT: one run of run_classifier's main (its launcher runs 5)
+            integ.run_once(upstream, job["argv"])
+            code = 0
+        else:
+            code = integ.launch(upstream, job["argv"])
+    result = {"exit": code, "solver": recorder.summary(), "options": resolved,
+              "train_s": round(time.perf_counter() - start, 1)}
+    Path(job["result"]).write_text(json.dumps(result, default=repr))
+    return 0
+
+
+def run(name: str, overrides: dict, epochs: int, threads: int, out: Path, command: str) -> dict:
+    recipe, _ = RECIPES[name]
+    with tempfile.TemporaryDirectory(prefix=f"conv-{name}-") as tmp:
+        tmp = Path(tmp)
+        root, argv, location, data_note = recipe(tmp, epochs)
+        job = {"integration": INTEGRATION[name], "root": str(root), "argv": argv, "threads": threads,
+               "options": {**location, **COMMAND_OPTIONS.get(name, {}), **overrides},
+               "result": str(tmp / "result.json")}
+        (tmp / "job.json").write_text(json.dumps(job))
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads),
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        log = out / "work" / f"{name}-{len(overrides)}.log"     # the upstream's own output
+        log.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with open(log, "w") as f:
+            proc = subprocess.run([sys.executable, __file__, "--worker", str(tmp / "job.json")], env=env, cwd=tmp,
+                                  stdout=f, stderr=subprocess.STDOUT)
+        wall = round(time.perf_counter() - start, 1)
+        if proc.returncode or not (tmp / "result.json").is_file():
+            raise SystemExit(f"{name} {overrides}: the worker exited {proc.returncode}; log: {log}\n"
+                             + log.read_text()[-3000:])
+        result = json.loads((tmp / "result.json").read_text())
+    import torch
+
+    return {"study": "recipe_convergence", "integration": INTEGRATION[name], "recipe": name,
+            "arm": "deq", "seed": 1, "overrides": {**COMMAND_OPTIONS.get(name, {}), **overrides}, "settings": result["options"], "epochs": epochs,
+            "data": data_note, "upstream_argv": [a.replace(str(tmp), "$TMP") for a in argv],
+            "upstream_exit": result["exit"], "command": command, "commit": commit(), "selected_by": "final",
+            "val": None, "test": None, "solver": result["solver"], "wall_s": wall, "train_s": result["train_s"],
+            "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} torch thread(s)"}
+
+
+def commit() -> str:
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return sha + ("+dirty" if dirty else "")
+
+
+def converged(record: dict) -> bool:
+    s = record["solver"] or {}
+    return all((s.get(k) or 0) >= TARGET for k in ("train_converged_fraction_last_quarter", "eval_converged_fraction"))
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def write_summary(out: Path) -> None:
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line.strip()]
+    lines = ["# Convergence of the DEQ fusion's solves in each shipped recipe (issue 10, item 3)", "",
+             "A convergence study, not an accuracy one: short trainings with the real upstream training loops on",
+             "generated or shipped data (the `data` field of each run); their accuracies mean nothing and are not",
+             f"recorded. A solve converged when every sample of its batch reached the tolerance; target >= "
+             f"{TARGET:.0%} in training (last quarter of the solves) and in evaluation. One seed each; every run "
+             "of runs.jsonl, oldest first.", "",
+             "| recipe | settings over the integration's defaults | resolved fusion options | epochs | train converged "
+             "(last quarter) | eval converged | mean steps train / eval | max eval rel residual | tol / cap (last solve) | "
+             "solves train / eval | wall | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        s = r["solver"] or {}
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(r["settings"].items()))
+        over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(as shipped)"
+        steps = "/".join("-" if s.get(k) is None else f"{s[k]:.1f}" for k in ("mean_steps", "mean_steps_eval"))
+        res = "-" if s.get("max_rel_residual_eval") is None else f"{s['max_rel_residual_eval']:.1e}"
+        lines.append(f"| {r['recipe']} | {over} | {opts} | {r['epochs']} | "
+                     f"{pct(s.get('train_converged_fraction_last_quarter'))} | {pct(s.get('eval_converged_fraction'))} "
+                     f"| {steps} | {res} | {s.get('tol')} / {s.get('max_iter')} | {s.get('train_solves')} / "
+                     f"{s.get('eval_solves')} | {r['wall_s']:.0f} s | {r['commit'][:10]}{'+dirty' * r['commit'].endswith('+dirty')} |")
+    lines += ["", "Data and commands:", ""]
+    seen = set()
+    for r in records:
+        if (r["recipe"], r["command"]) not in seen:
+            seen.add((r["recipe"], r["command"]))
+            lines.append(f"- {r['recipe']}: {r['data']}; upstream arguments `{shlex.join(r['upstream_argv'])}`; "
+                         f"command `{r['command']}`")
+    lines += ["", "Evaluation solves are every solve in eval mode: the upstream's validation after each epoch (and, for",
+              "CM-BERT, its dev and test runs), so they include early, barely trained models. `+dirty`: the run's",
+              "working tree had uncommitted changes (this script and the test generators it imports, before their",
+              "commit). Wall times are on a shared machine (load ~7 on 2 cores).",
+              "", f"Machine: {records[-1]['machine']}." if records else ""]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("names", nargs="*", default=list(RECIPES), help=f"recipes ({', '.join(RECIPES)})")
+    p.add_argument("--escalate", action="store_true", help="under 95%%: jac_term=diagonal, then norm=contractive")
+    p.add_argument("--epochs", type=int, help="override each recipe's epochs")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        return worker(a.worker)
+    unknown = sorted(set(a.names) - set(RECIPES))
+    if unknown:
+        p.error(f"unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / ".gitignore").write_text("work/\n")
+    command = shlex.join(["python", "benchmarks/recipe_convergence.py", *(argv if argv is not None else sys.argv[1:])])
+    for name in a.names:
+        for overrides in (LADDER if a.escalate else LADDER[:1]):
+            record = run(name, overrides, a.epochs or RECIPES[name][1], a.threads, a.out, command)
+            with open(a.out / "runs.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            write_summary(a.out)
+            s = record["solver"] or {}
+            print(f"{name} {overrides or '(as shipped)'}: train converged (last quarter) "
+                  f"{pct(s.get('train_converged_fraction_last_quarter'))}, eval {pct(s.get('eval_converged_fraction'))}, "
+                  f"mean steps {s.get('mean_steps')}/{s.get('mean_steps_eval')}, {record['wall_s']:.0f} s", flush=True)
+            if converged(record):
+                break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
