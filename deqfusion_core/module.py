@@ -80,7 +80,8 @@ class DEQFusion(FusionMap):
             per sample by that many power iterations on the VJP (``contraction.spectral_radius``; no gradient,
             one f application and ``spectral_radius_iters`` VJPs) into ``stats.spectral_radius`` [B], and warn
             (:class:`~deqfusion_core.contraction.NotContractiveWarning`) when its max is >= 1. 0: off.
-        norm, norm_options: a normalisation of f's parameters inside the fixed-point loop (``norms.NORMS``; None:
+        norm, norm_options: a normalisation of f's parameters inside the fixed-point loop (``norms.NORMS``; None or
+            ``"none"`` (to override an integration's default from the command line):
             none, the paper's f), with its options. ``weight`` and ``spectral``: torch's weight / spectral
             normalisation of lin1, lin2, gate and fuse, the usual DEQ norms; measured on this f they do NOT bound
             the spectral radius rho of df/dz at z* (every Linear is followed by a GroupNorm that undoes its
@@ -145,6 +146,7 @@ class DEQFusion(FusionMap):
                  norm_options: dict | None = None, correction_steps: int = 0, modality_dropout: float = 0.0):
         super().__init__(input_dims, dim, num_groups=num_groups, dropout=dropout, modality_blocks=modality_blocks,
                          fuse_block=fuse_block, gating=gating)
+        norm = None if norm == "none" else norm      # "none": no norm, where None means "not given" (-o norm=none)
         apply_norm(self, norm, norm_options)
         self.norm, self.norm_options = norm, dict(norm_options or {})
         self.forward_solve = SolveConfig(solver, f_max_iter, f_tol, f_stop, dict(solver_options or {}),

