@@ -150,11 +150,12 @@ def test_runner_through_the_cli(data, tmp_path):
     from deqfusion_core.cli import main
 
     out = tmp_path / "result.json"
-    code = main(["run", "multibench", "--upstream", ROOT, "--f-max-iter", "6", "--b-max-iter", "6", "--",
+    code = main(["run", "multibench", "--upstream", ROOT, "--f-max-iter", "6", "--b-max-iter", "6",
+                 "-o", "f_max_iter_eval=6", "--",
                  "--data", str(data), "--limit", str(ROWS), "--epochs", "1", "--dim", str(WIDTH),
                  "--batch-size", str(BATCH), "--save", str(tmp_path / "best.pt"), "--json", str(out)])
     result = json.loads(out.read_text())
-    assert code == 0 and result["settings"]["data"]["limit"] == ROWS and result["solver"]["nstep"] <= 6
+    assert code == 0 and result["settings"]["data"]["limit"] == ROWS and result["solver"]["nstep"] <= 6   # the last (evaluation) solve
     assert all(0.0 <= result[s][k] <= 1.0 for s in ("valid", "test") for k in ("f1_micro", "f1_macro"))
     assert result["settings"]["fusion"]["jac_weight"] == 0.1 and result["settings"]["train"]["lr"] == 8e-3
 
