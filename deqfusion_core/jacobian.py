@@ -7,24 +7,13 @@ from typing import Callable
 
 import torch
 
+from ._registry import registry
+
 __all__ = ["jacobian_loss", "attach_aux_loss", "JAC_SCHEDULES", "register_jac_schedule", "get_jac_schedule"]
 
 # schedule(start, final, step, steps) -> the weight at training forward ``step`` (0-based) of ``steps``
 JAC_SCHEDULES: dict[str, Callable[[float, float, int, int], float]] = {}
-
-
-def register_jac_schedule(name: str):
-    def deco(fn):
-        JAC_SCHEDULES[name] = fn
-        return fn
-    return deco
-
-
-def get_jac_schedule(name: str):
-    try:
-        return JAC_SCHEDULES[name]
-    except KeyError:
-        raise ValueError(f"jac_schedule: unknown schedule {name!r}; known: {', '.join(sorted(JAC_SCHEDULES))}") from None
+register_jac_schedule, get_jac_schedule = registry(JAC_SCHEDULES, "jac_schedule", "schedule")
 
 
 @register_jac_schedule("constant")

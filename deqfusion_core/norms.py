@@ -38,24 +38,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
+from ._registry import registry
+
 __all__ = ["NORMS", "register_norm", "get_norm", "apply_norm", "normalised_once", "GainBound", "loop_linears",
            "loop_group_norms"]
 
 NORMS: dict[str, Callable[..., None]] = {}
-
-
-def register_norm(name: str):
-    def deco(fn):
-        NORMS[name] = fn
-        return fn
-    return deco
-
-
-def get_norm(name: str):
-    try:
-        return NORMS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"norm: unknown norm {name!r}; known: {', '.join(sorted(NORMS))}") from None
+register_norm, get_norm = registry(NORMS, "norm", "norm")
 
 
 def apply_norm(fmap: nn.Module, name: str | None, options: dict | None = None) -> nn.Module:

@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from ._registry import registry
 from .stats import DEQConvergenceError, SolveResult, SolverStats
 
 __all__ = ["SOLVERS", "register_solver", "get_solver", "solve", "SolveConfig", "Tracker",
@@ -32,20 +33,7 @@ __all__ = ["SOLVERS", "register_solver", "get_solver", "solve", "SolveConfig", "
 FixedPointMap = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 SOLVERS: dict[str, Callable[..., SolveResult]] = {}
 _SOLVE_ARGS = ("max_iter", "tol", "stop", "keep")   # what solvers take besides their own options
-
-
-def register_solver(name: str):
-    def deco(fn):
-        SOLVERS[name] = fn
-        return fn
-    return deco
-
-
-def get_solver(name: str):
-    try:
-        return SOLVERS[name]
-    except KeyError:
-        raise ValueError(f"solver: unknown solver {name!r}; known: {', '.join(sorted(SOLVERS))}") from None
+register_solver, get_solver = registry(SOLVERS, "solver", "solver")
 
 
 def solve(f: FixedPointMap, z0: torch.Tensor, solver: str = "anderson", **kwargs) -> SolveResult:
