@@ -229,8 +229,9 @@ def run(name: str, overrides: dict, epochs: int, threads: int, out: Path, comman
 
 def commit() -> str:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    # this study's own result files do not count (each run rewrites them)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            f":!{OUT.relative_to(ROOT)}"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return sha + ("+dirty" if dirty else "")
 
 
@@ -297,7 +298,9 @@ def write_summary(out: Path) -> None:
     lines += ["", "Evaluation solves are every solve in eval mode: the upstream's validation after each epoch (and, for",
               "CM-BERT, its dev and test runs), so they include early, barely trained models. `+dirty`: the run's",
               "working tree had uncommitted changes (this script and the test generators it imports, before their",
-              "commit). Wall times are on a shared machine (load ~7 on 2 cores).",
+              "commit; for the runs of commit 26a0d45 after its first, only this folder's runs.jsonl and summary.md,",
+              "which the check counted until the next commit). Wall times are on a shared machine (load 2-7 on 2",
+              "cores).",
               "", f"Machine: {records[-1]['machine']}." if records else ""]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
