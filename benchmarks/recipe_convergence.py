@@ -171,6 +171,7 @@ def worker(job_path: str) -> int:
     import torch
 
     torch.set_num_threads(job["threads"])
+    seed_everything(job["seed"])
     from deqfusion_core import plugins
     from deqfusion_core.compare.record import SolverRecorder
 
@@ -193,15 +194,28 @@ def worker(job_path: str) -> int:
     return 0
 
 
+def seed_everything(seed: int) -> None:
+    """The process's global generators (random, numpy, torch), before the upstream runs: CM-BERT's
+    run_classifier draws its own seed from the unseeded numpy generator, so without this no two runs match."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def run(name: str, overrides: dict, epochs: int, threads: int, out: Path, command: str,
-        diagnose: bool = False) -> dict:
+        diagnose: bool = False, seed: int = 1) -> dict:
     recipe, _ = RECIPES[name]
     with tempfile.TemporaryDirectory(prefix=f"conv-{name}-") as tmp:
         tmp = Path(tmp)
         root, argv, location, data_note = recipe(tmp, epochs)
         job = {"integration": INTEGRATION[name], "root": str(root), "argv": argv, "threads": threads,
                "options": {**location, **COMMAND_OPTIONS.get(name, {}), **overrides},
-               "result": str(tmp / "result.json"), "diagnose": diagnose}
+               "result": str(tmp / "result.json"), "diagnose": diagnose, "seed": seed}
         (tmp / "job.json").write_text(json.dumps(job))
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads),
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -219,7 +233,7 @@ def run(name: str, overrides: dict, epochs: int, threads: int, out: Path, comman
     import torch
 
     return {"study": "recipe_convergence", "integration": INTEGRATION[name], "recipe": name,
-            "arm": "deq", "seed": 1, "overrides": {**COMMAND_OPTIONS.get(name, {}), **overrides}, "settings": result["options"], "epochs": epochs,
+            "arm": "deq", "seed": seed, "seeded": True, "overrides": {**COMMAND_OPTIONS.get(name, {}), **overrides}, "settings": result["options"], "epochs": epochs,
             "data": data_note, "upstream_argv": [a.replace(str(tmp), "$TMP") for a in argv],
             "upstream_exit": result["exit"], "command": command, "commit": commit(), "selected_by": "final",
             "val": None, "test": None, "solver": result["solver"], "built": result["built"],
@@ -250,12 +264,15 @@ def write_summary(out: Path) -> None:
              "A convergence study, not an accuracy one: short trainings with the real upstream training loops on",
              "generated or shipped data (the `data` field of each run); their accuracies mean nothing and are not",
              f"recorded. A solve converged when every sample of its batch reached the tolerance; target >= "
-             f"{TARGET:.0%} in training (last quarter of the solves) and in evaluation. One seed each; every run "
-             "of runs.jsonl, oldest first.", "",
-             "| recipe | settings over the integration's defaults | resolved fusion options | DEQFusion as built | epochs "
+             f"{TARGET:.0%} in training (last quarter of the solves) and in evaluation. Every run of runs.jsonl, "
+             "oldest first. `seed`: of the process's generators (random, numpy, torch) before the upstream starts; "
+             "`-`: a run from before the script seeded them (CM-BERT's run_classifier then drew a random seed of "
+             "its own, so those CM-BERT runs cannot be repeated; the MultiBench runner and MCAN seed themselves, "
+             "`--seed 0` and `--SEED=1`).", "",
+             "| recipe | seed | settings over the integration's defaults | resolved fusion options | DEQFusion as built | epochs "
              "| train converged (last quarter) | eval converged | mean steps train / eval | max eval rel residual | "
              "tol / cap (last solve) | solves train / eval | wall | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         s = r["solver"] or {}
         opts = ", ".join(f"{k}={v}" for k, v in sorted(r["settings"].items()))
@@ -265,7 +282,7 @@ def write_summary(out: Path) -> None:
         built = r.get("built")
         built = "-" if not built else ", ".join(f"{k}={built[k]}" for k in ("norm", "jac_term", "f_max_iter",
                                                                             "f_max_iter_eval") if k in built)
-        lines.append(f"| {r['recipe']} | {over} | {opts} | {built} | {r['epochs']} | "
+        lines.append(f"| {r['recipe']} | {r['seed'] if r.get('seeded') else '-'} | {over} | {opts} | {built} | {r['epochs']} | "
                      f"{pct(s.get('train_converged_fraction_last_quarter'))} | {pct(s.get('eval_converged_fraction'))} "
                      f"| {steps} | {res} | {s.get('tol')} / {s.get('max_iter')} | {s.get('train_solves')} / "
                      f"{s.get('eval_solves')} | {r['wall_s']:.0f} s | {r['commit'][:10]}{'+dirty' * r['commit'].endswith('+dirty')} |")
@@ -311,6 +328,7 @@ def main(argv=None) -> int:
     p.add_argument("--escalate", action="store_true", help="under 95%%: jac_term=diagonal, then norm=contractive")
     p.add_argument("--set", action="append", type=parse_fusion_option, default=[], metavar="KEY=VALUE",
                    help="run once with these fusion options over the integration's defaults (repeatable)")
+    p.add_argument("--seeds", default="1", help="comma-separated seeds of the process's generators (default 1)")
     p.add_argument("--diagnose", action="store_true", help="rho and a longer re-solve after each evaluation solve")
     p.add_argument("--epochs", type=int, help="override each recipe's epochs")
     p.add_argument("--threads", type=int, default=2)
@@ -325,16 +343,20 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / ".gitignore").write_text("work/\n")
     command = shlex.join(["python", "benchmarks/recipe_convergence.py", *(argv if argv is not None else sys.argv[1:])])
-    for name in a.names:
-        if a.set and a.escalate:
-            p.error("--set and --escalate: one or the other")
+    if a.set and a.escalate:
+        p.error("--set and --escalate: one or the other")
+    try:
+        seeds = [int(x) for x in a.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds: comma-separated ints, got {a.seeds!r}")
+    for name, seed in ((n, s) for n in a.names for s in seeds):
         for overrides in ([dict(a.set)] if a.set else LADDER if a.escalate else LADDER[:1]):
-            record = run(name, overrides, a.epochs or RECIPES[name][1], a.threads, a.out, command, a.diagnose)
+            record = run(name, overrides, a.epochs or RECIPES[name][1], a.threads, a.out, command, a.diagnose, seed)
             with open(a.out / "runs.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             write_summary(a.out)
             s = record["solver"] or {}
-            print(f"{name} {overrides or '(as shipped)'}: train converged (last quarter) "
+            print(f"{name} seed {seed} {overrides or '(as shipped)'}: train converged (last quarter) "
                   f"{pct(s.get('train_converged_fraction_last_quarter'))}, eval {pct(s.get('eval_converged_fraction'))}, "
                   f"mean steps {s.get('mean_steps')}/{s.get('mean_steps_eval')}, {record['wall_s']:.0f} s", flush=True)
             if converged(record):
