@@ -159,11 +159,15 @@ class FusionProbe:
             finally:
                 module.f_max_iter_eval = cap
         frac = lambda r: float((r <= tol).float().mean())
+        norms = torch.stack([x.flatten(1).norm(dim=1) for x in inj.xs], 1)      # [B, N]: the injection's scale
+        worst = int(rho.argmax())
         return {"after_train_solves": self.train_solves, "batch": int(rho.numel()), "converged": bool(stats.converged),
                 "samples_converged": frac(stats.rel_residuals), "max_rel_residual": float(stats.rel_residuals.max()),
                 f"samples_converged_cap{DIAGNOSE_CAP}": frac(longer), f"max_rel_residual_cap{DIAGNOSE_CAP}":
                 float(longer.max()), "rho_median": float(rho.median()), "rho_max": float(rho.max()),
-                "rho_ge1_fraction": float((rho >= 1).float().mean())}
+                "rho_ge1_fraction": float((rho >= 1).float().mean()),
+                "input_norm_median": norms.median(0).values.tolist(), "input_norm_at_rho_max": norms[worst].tolist(),
+                "rel_residual_at_rho_max": float(stats.rel_residuals[worst])}
 
 
 def worker(job_path: str) -> int:
