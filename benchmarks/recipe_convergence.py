@@ -307,7 +307,7 @@ def write_summary(out: Path) -> None:
             ge1 = sum(x["rho_ge1_fraction"] * x["batch"] for x in d) / sum(x["batch"] for x in d)
             over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(as shipped)"
             lines.append(f"| {i} | {r['recipe']} | {over} | {len(d)} | {one(d[0])} | {one(d[-1])} | "
-                         f"{pct(sum(x['converged'] for x in d) / len(d))} / {pct(longer)}, {pct(ge1)}, "
+                         f"{pct(sum(x['converged'] for x in d) / len(d))} / {pct(longer)}, {100 * ge1:.2f}%, "
                          f"{max(x['rho_max'] for x in d):.2f} |")
     lines += ["", "Data and commands:", ""]
     seen = set()
