@@ -94,7 +94,8 @@ class DEQFusion(FusionMap):
             reached by plain iteration as they are and none stressed; ``contractive`` rho max 0.91, every sample
             reached (``max_gain=0.5``: max 1.11, one sample not).
             A measured property, not a proof: the bound acts relative to the injection's scale. Changes the
-            state_dict's names of the normalised parameters (torch's ``parametrizations.*.original``).
+            state_dict's names of the normalised parameters (``parametrizations.weight.original``, torch's names).
+            Held without torch parametrizations (``norms``), so a normed model pickles (``torch.save(model)``).
         correction_steps: fixed-point correction (Bai et al. 2022, "Deep Equilibrium Optical Flow
             Estimation"; TorchDEQ's ``fp_correction``); 0: off. In training, the forward solve keeps its best
             iterate so far z_k after each of ``correction_steps`` evenly spaced steps inside the cap
@@ -208,7 +209,7 @@ class DEQFusion(FusionMap):
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, xs: Sequence[torch.Tensor | None], z0: torch.Tensor | None = None,
                 warm_start: SolverStats | None = None, present: torch.Tensor | None = None) -> DEQFusionOutput:
-        # with a norm, the parametrized weights are computed once per forward: the solve sees one fixed f
+        # with a norm, the normalised weights are computed once per forward: the solve sees one fixed f
         if self.norm is None:
             return self._forward(xs, z0, warm_start, present)
         with normalised_once(self):
