@@ -54,7 +54,7 @@ def upstream_settings(root: Path, dataset: str) -> dict[str, Any]:
 class _Evaluator:
     """The robustness evaluation (deqfusion_core.compare.robustness) of a trained run: the model at the epoch
     selected on validation (fair protocol), scored by the upstream's ``test_epoch`` on the perturbed test split,
-    with the mask of the perturbed tensors registered for the DEQ head (the concatenation takes none)."""
+    the DEQ head given the perturbed split's mask (the concatenation takes none) and solving from zero."""
 
     noise_on = ("each view's features as the upstream's encoders read them (after its min-max scaling over the "
                 "training files), before its encoders")
@@ -78,16 +78,15 @@ class _Evaluator:
 
         run = self.run
         xs, present = transform([x.clone() for x in run.test], run.present_te)
-        key = split_key(xs)
-        if present is not None and self.takes_mask:
-            run.masks[key] = present
+        head = getattr(run.model, "MMClasifier", None)
+        if isinstance(head, DEQHead):   # the forward is the upstream's again: tell the head the split and mask
+            head.split_key, head.present = split_key(xs), present   # a new split: a cold start, no warm start
         try:
             prob = self.train_test.test_epoch(xs, run.model)
         finally:
-            run.masks.pop(key, None)
-            head = getattr(run.model, "MMClasifier", None)
             if isinstance(head, DEQHead):
-                head.split_solves.pop(key, None)    # no warm start from one perturbation to the next
+                head.split_solves.pop(head.split_key, None)
+                head.split_key = head.present = None
         return {k: float(v) for k, v in scores(run.labels_te, prob).items()}
 
 

@@ -307,6 +307,14 @@ def run(modules: dict, options, args: argparse.Namespace, root: Path, on_evaluat
     return current
 
 
+def give_mask(run: Run, data_list) -> None:
+    """After the script (the model's forward is the upstream's again, which does not tell the DEQ head which split
+    passes): give the head the mask of ``data_list`` (None: every view of every sample present)."""
+    head = getattr(run.model, "MMClasifier", None)
+    if isinstance(head, DEQHead):
+        head.present = run.masks.get(split_key(data_list))
+
+
 def summarize(run: Run, train_test, title: str) -> dict[str, Any]:
     args = run.args
     summary: dict[str, Any] = {"title": title, "protocol": run.protocol, "dataset": args.dataset,
@@ -315,11 +323,13 @@ def summarize(run: Run, train_test, title: str) -> dict[str, Any]:
         summary["checkpoint"] = run.checkpoint
         builtins.print(f"[{run.label}] {fmt(run.checkpoint)}")
         return summary
+    give_mask(run, run.test)
     final = scores(run.labels_te, train_test.test_epoch(run.test, run.model))
     history, n_epochs = run.history, len(run.epoch_times)
     summary.update(epochs=n_epochs - 1, epoch_time_s=float(np.mean(run.epoch_times)), history=history)
     summary["final"] = dict(final, epoch=n_epochs - 1)
     if run.protocol == "fair":
+        give_mask(run, run.val)
         summary["final"]["val"] = scores(run.labels_val, train_test.test_epoch(run.val, run.model))
     best = select(history, "test")
     summary["test_selected"] = dict(best["test"], epoch=best["epoch"])
