@@ -6,22 +6,12 @@ Needs a checkout of TencentAILabHealthcare/mmdynamics in DEQFUSION_MMDYNAMICS_RO
 """
 from __future__ import annotations
 
-import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-ROOT = os.environ.get("DEQFUSION_MMDYNAMICS_ROOT")
-DATA = Path(__file__).parents[1].parent / "shared" / "data" / "rosmap"
-pytestmark = [
-    pytest.mark.skipif(not ROOT, reason="DEQFUSION_MMDYNAMICS_ROOT is unset (git clone TencentAILabHealthcare/mmdynamics)"),
-    pytest.mark.skipif(not (DATA / "labels_tr.csv").is_file(), reason=f"ROSMAP data not found at {DATA}"),
-]
-
-FAST = {"f_max_iter": 8, "b_max_iter": 8, "num_groups": 2}
+from test_mmdynamics import DATA, FAST, ROOT, pytestmark  # noqa: F401 - the same upstream, data and skips
 ABSENT_TR = {2: [0, 5, 17, 40, 100]}           # view file -> rows made all NaN (training files)
 ABSENT_TE = {3: [1, 2, 50], 1: [3]}            # (test files)
 
