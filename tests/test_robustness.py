@@ -178,6 +178,7 @@ def test_summary_pairs_each_condition_and_the_area_over_seeds():
     # the area: trapezoids over sigma 0, 0.5, 1 divided by the range 1
     assert base["conditions"]["auc:x"]["mean"] == pytest.approx((0.8 + 0.7) / 4 + (0.7 + 0.6) / 4)
     assert deq["drop"]["remove:x:zero_fill"]["mean"] == pytest.approx(0.4 - 0.815)
+    assert deq["mask_minus_zero_fill"]["x"]["mean"] == pytest.approx(0.1) and base["mask_minus_zero_fill"] == {}
     pair = rob["paired"][0]
     assert pair["seeds"] == [1, 2] and "remove:x:mask" not in pair["conditions"]
     assert pair["conditions"]["remove:x:own"]["mean"] == pytest.approx(0.0)

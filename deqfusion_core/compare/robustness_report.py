@@ -60,6 +60,10 @@ def summarize_robustness(records: Sequence[dict], arms: Sequence[dict], metric: 
             "drop": {n: describe([None if v.get(n) is None or v.get("clean") is None else v[n] - v["clean"]
                                   for v in per_seed.values()])
                      for n in names if not n.startswith("auc:") and n != "clean"},
+            # an arm with a mask: removing a modality with the mask against zero-filling it, paired over seeds
+            "mask_minus_zero_fill": {m: paired([v.get(f"remove:{m}:mask") for v in per_seed.values()],
+                                               [v.get(f"remove:{m}:zero_fill") for v in per_seed.values()])
+                                     for m in out["modalities"]} if rs[0]["robustness"]["takes_mask"] else {},
         }
     for f in [a["name"] for a in arms if a["is_fusion"] and a["name"] in values]:
         for b in [a["name"] for a in arms if not a["is_fusion"] and a["name"] in values]:
@@ -132,6 +136,10 @@ def render_robustness(rob: dict | None) -> list[str]:
         cells += [_ci(p["conditions"].get(n)) for p in rob["paired"]]
         lines.append(f"| {_label(n)} | " + " | ".join(cells) + " |")
     lines += ["", "In parentheses: the mean change from the same runs' clean test metric."]
+    for a, v in arms.items():
+        if v["mask_minus_zero_fill"]:
+            lines += ["", f"{a}: a removed modality masked − zero-filled (paired over seeds, 95% CI): " +
+                      "; ".join(f"{m} {_ci(d)}" for m, d in v["mask_minus_zero_fill"].items()) + "."]
     return lines
 
 
