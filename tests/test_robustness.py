@@ -227,3 +227,17 @@ def test_study_with_robustness_writes_it_and_refuses_to_mix(tmp_path, toy_env):
     assert study(tmp_path / "plain", None)[0] == 0
     with pytest.raises(StudyError, match="without the robustness evaluation"):
         study(tmp_path / "plain", [0.0, 1.0])
+
+
+def test_robustness_needs_an_evaluator_before_anything_trains(tmp_path):
+    from compare_toy import ToyComparison
+
+    from deqfusion_core.compare import Comparison
+    from deqfusion_core.compare.study import StudyError, StudyOptions, run_study
+
+    class NoEvaluator(ToyComparison):
+        robustness_evaluator = Comparison.robustness_evaluator
+
+    with pytest.raises(StudyError, match="--robustness: toy has no robustness evaluation"):
+        run_study(NoEvaluator(), StudyOptions(seeds=[1], out=tmp_path, robustness=[0.0, 1.0]), say=lambda s: None)
+    assert not (tmp_path / "runs.jsonl").exists()

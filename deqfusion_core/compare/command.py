@@ -57,7 +57,7 @@ def study_options(args: argparse.Namespace, upstream_root: str | None, fusion_op
 HELP = ("the paper's A/B: the upstream's own training once per arm and seed, only the fusion swapped; result "
         "files per ../shared/RESULTS.md")
 USAGE = ("deqfusion compare NAME --seeds LIST --out DIR [--smoke] [--fusion deq] [--baseline FUSION] "
-         "[--upstream PATH] [--allow-diff KEY ...] [fusion options] -- <upstream arguments>")
+         "[--upstream PATH] [--allow-diff KEY ...] [--robustness [LEVELS]] [fusion options] -- <upstream arguments>")
 DESCRIPTION = ("Per seed, run the upstream's own training entry once per arm (baseline: the upstream's own fusion; "
                "deq), with identical data, split, seed, optimizer, schedule, clipping, widths and selection. The arms' "
                "effective configurations are compared first: a difference beyond the fusion stops the study (exit 2) "

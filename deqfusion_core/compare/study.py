@@ -176,6 +176,8 @@ def run_study(comparison: Comparison, opts: StudyOptions,
     if unknown_arms:
         raise StudyError(f"--arm-args: no arm {sorted(unknown_arms)[0]!r}; the arms are {', '.join(a.name for a in arms)}")
     reference, fusion_arm = arms[0], arms[-1]
+    if opts.robustness is not None and type(comparison).robustness_evaluator is Comparison.robustness_evaluator:
+        raise StudyError(f"--robustness: {integration} has no robustness evaluation (docs/robustness.md)")
     out = Path(opts.out).resolve()
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
