@@ -117,7 +117,9 @@ def render_robustness(rob: dict | None) -> list[str]:
     names = _order({n for a in arms.values() for n in a["conditions"]}, rob["modalities"], rob["levels"])
     lines = ["", f"## Robustness: test {rob['metric']} of the {rob['selection']}-selected checkpoint under perturbations "
                  "of the test split (mean ± std over seeds)", "",
-             f"Noise: x + sigma * std * N(0, 1) on {rob['noise_on']}; std per feature over the training split; sigma "
+             f"Noise: x + sigma * std * N(0, 1) on {rob['noise_on']} (the input, not the encoder's features: the "
+             "input is the same tensor for every arm, the features have each arm's own scale); std per feature over "
+             "the training split; sigma "
              f"in {', '.join(f'{x:g}' for x in rob['levels'])}; one noise draw per (seed, modality, level), the same "
              "for every arm. A removed modality: `mask` marks it absent (the DEQ takes no part of it), `zero_fill` "
              "replaces its input by zeros without a mask (what a user of a fusion without a mask does; the only "
