@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"^(<!-- results: (?P<path>\S+) -->\n)(?P<body>.*?)^(<!-- /results -->)", re.S | re.M)
+BLOCK = re.compile(r"^(<!-- results: (?P<path>\S+)(?: (?P<view>robustness))? -->\n)(?P<body>.*?)^(<!-- /results -->)",
+                   re.S | re.M)
 
 
 def _ms(d: dict | None, digits: int = 3) -> str:
@@ -59,13 +60,42 @@ def render(summary: dict, source: str) -> str:
     for pair in summary["paired"]:
         cells = [_ci(pair["metrics"].get(sel, {}).get(split, {}).get(metric)) for sel, split in cols]
         lines.append(f"| {pair['arm']} − {pair['baseline']} (paired, 95% CI) | " + " | ".join(cells) + " | | | |")
+    return "\n".join(lines + _provenance(summary, source)) + "\n"
+
+
+def _provenance(summary: dict, source: str) -> list[str]:
     seeds = summary["seeds"]
     commits = ", ".join(str(c)[:10] for c in summary["commits"])
-    lines += ["", f"{len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(map(str, seeds))}); "
-                  f"{'; '.join(summary['machines'])}; commit {commits}; "
-                  f"`{'`, `'.join(summary['commands'])}`; from [{source}]({source}) "
-                  f"(details: [summary.md]({source.rsplit('/', 1)[0]}/summary.md))."]
-    return "\n".join(lines) + "\n"
+    return ["", f"{len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(map(str, seeds))}); "
+                f"{'; '.join(summary['machines'])}; commit {commits}; "
+                f"`{'`, `'.join(summary['commands'])}`; from [{source}]({source}) "
+                f"(details: [summary.md]({source.rsplit('/', 1)[0]}/summary.md))."]
+
+
+def render_robustness(summary: dict, source: str) -> str:
+    """The robustness table (``<!-- results: PATH robustness -->``): per arm the test metric of the selected
+    checkpoints clean, with each modality removed (each arm's own way, and zero-filled) and the area under each
+    modality's noise curve; the paired difference of the fusion arm against the first baseline."""
+    rob = summary["robustness"]
+    arms, pair = rob["arms"], rob["paired"][0]
+    fusion_arm, base = arms[pair["arm"]], arms[pair["baseline"]]
+    top = max(rob["levels"])
+    rows = [("clean", "clean", "clean", "clean")]
+    for m in rob["modalities"]:
+        rows.append((f"{m} removed: {pair['arm']} masked, {pair['baseline']} zero-filled", f"remove:{m}:own",
+                     f"remove:{m}:own", f"remove:{m}:own"))
+        rows.append((f"{m} removed: both zero-filled", f"remove:{m}:zero_fill", f"remove:{m}:zero_fill",
+                     f"remove:{m}:zero_fill"))
+    for m in rob["modalities"]:
+        rows.append((f"noise on {m}: area under the curve, sigma 0-{top:g}", f"auc:{m}", f"auc:{m}", f"auc:{m}"))
+        rows.append((f"noise on {m}: sigma {top:g}", f"noise:{m}:{top:g}", f"noise:{m}:{top:g}", f"noise:{m}:{top:g}"))
+    lines = [f"| test {rob['metric']} ({rob['selection']}-selected checkpoints) | {pair['baseline']} "
+             f"({base['fusion']}) | {pair['arm']} ({fusion_arm['fusion']}) | {pair['arm']} − {pair['baseline']} "
+             "(paired, 95% CI) |", "|---|---|---|---|"]
+    for label, b, f, d in rows:
+        lines.append(f"| {label} | {_ms(base['conditions'].get(b))} | {_ms(fusion_arm['conditions'].get(f))} | "
+                     f"{_ci(pair['conditions'].get(d))} |")
+    return "\n".join(lines + _provenance(summary, source)) + "\n"
 
 
 def regenerate(text: str, root: Path = ROOT) -> str:
@@ -73,7 +103,8 @@ def regenerate(text: str, root: Path = ROOT) -> str:
         path = root / m.group("path")
         if not path.is_file():
             raise FileNotFoundError(f"{m.group('path')}: no such result file")
-        return m.group(1) + render(json.loads(path.read_text()), m.group("path")) + m.group(4)
+        view = render_robustness if m.group("view") == "robustness" else render
+        return m.group(1) + view(json.loads(path.read_text()), m.group("path")) + m.group(5)
 
     return BLOCK.sub(replace, text)
 

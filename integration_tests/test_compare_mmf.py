@@ -71,3 +71,23 @@ def test_compare_mmf_unknown_fusion_names_the_key(tmp_path):
     proc = compare("--seeds", "1", "--smoke", "--out", str(tmp_path), "--baseline", "nope")
     assert proc.returncode == 2
     assert "model_config.fusion_classifier.fusion.type: unknown fusion 'nope'" in proc.stderr
+
+
+def test_compare_mmf_robustness_smoke(tmp_path):
+    """--robustness: after training, each run's selected checkpoint on MMF's test loader under every condition."""
+    proc = compare("--seeds", "1", "--smoke", "--robustness", "0,1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {r["arm"]: r for r in map(json.loads, (tmp_path / "runs.jsonl").read_text().splitlines())}
+    for arm, r in runs.items():
+        rob = r["robustness"]
+        assert r["study"] == "robustness_easy_vqa" and rob["modalities"] == ["image", "text"]
+        assert rob["takes_mask"] == (arm == "deq") and rob["levels"] == [0.0, 1.0]
+        removed = {"remove:image:zero_fill", "remove:text:zero_fill"} | (
+            {"remove:image:mask", "remove:text:mask"} if arm == "deq" else set())
+        assert set(rob["test"]) == {"clean", "noise:image:1", "noise:text:1"} | removed
+        # the clean condition is MMF's own test accuracy of the checkpoint it selected
+        assert rob["test"]["clean"]["accuracy"] == pytest.approx(r["test"]["accuracy"], abs=1e-6)
+        assert rob["train_batches_for_std"] > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["robustness"]["paired"][0]["seeds"] == [1]
+    assert (tmp_path / "robustness.png").is_file() and "## Robustness" in (tmp_path / "summary.md").read_text()

@@ -124,3 +124,98 @@ def test_bad_fusion_config_names_the_key(tmp_path, fusion, match):
     proc, _ = run([str(BIN / "deqfusion"), "run", "mmf", "--", f"config={config}", *TINY], tmp_path / "save")
     assert proc.returncode != 0
     assert re.search(match, proc.stderr), proc.stderr[-3000:]
+
+
+# -- missing modalities (issue 13): the mask a data set puts in the sample list, through the real model ----------
+def configured_model(fusion):
+    """FusionClassifier of ``easy_vqa_<fusion>.yaml`` built the way MMF builds it (its merged config registered)."""
+    import argparse
+
+    from deqfusion_adapters.mmf import CONFIG_DIR, register
+
+    register()
+    from mmf.common.registry import registry
+    from mmf.utils.configuration import Configuration
+
+    from deqfusion_adapters.mmf.model import FusionClassifier
+
+    opts = [f"config={CONFIG_DIR / 'experiments' / f'easy_vqa_{fusion}.yaml'}", "model=fusion_classifier",
+            "dataset=easy_vqa"]
+    config = Configuration(argparse.Namespace(config_override=None, opts=opts)).get_config()
+    registry.register("config", config)
+    model = FusionClassifier(config.model_config.fusion_classifier)
+    model.build()
+    model.init_losses()
+    return model
+
+
+def masked_batch(n=6):
+    import torch
+    from mmf.common.sample import Sample, SampleList
+
+    g = torch.Generator().manual_seed(0)
+    present = torch.ones(n, 2, dtype=torch.bool)
+    present[[1, 4], 0] = False          # no image
+    present[2, 1] = False               # no question
+    samples = []
+    for i in range(n):
+        s = Sample()
+        s.image = torch.rand(3, 32, 32, generator=g)
+        s.text = torch.rand(26, generator=g).round()
+        s.targets = torch.tensor(i % 13)
+        samples.append(s)
+    batch = SampleList(samples)
+    batch.dataset_type, batch.dataset_name = "train", "easy_vqa"
+    return batch, present
+
+
+def with_absent(batch, present, value):
+    """The batch with ``value`` in every absent entry (NaN, garbage)."""
+    import torch
+
+    out = batch.copy()
+    out.image = torch.where(present[:, 0, None, None, None], batch.image, value)
+    out.text = torch.where(present[:, 1, None], batch.text, value)
+    return out
+
+
+def test_fusion_classifier_takes_the_mask_from_the_sample_list():
+    import torch
+
+    from deqfusion_adapters.mmf.missing import zero_absent
+
+    model = configured_model("deq").eval()
+    batch, present = masked_batch()
+    nan = with_absent(batch, present, float("nan"))
+    nan.modality_present = present
+    garbage = with_absent(batch, present, 7.0)
+    garbage.image_present, garbage.text_present = present[:, 0], present[:, 1]
+    with torch.no_grad():
+        a, b = model(nan)["scores"], model(garbage)["scores"]
+        # the mask path: the encoders' features of the zero-filled inputs, fused by DEQFusion with the mask
+        feats = [model.encoders["image"](zero_absent(batch.image, present[:, 0])),
+                 model.encoders["text"](zero_absent(batch.text, present[:, 1]))]
+        direct = model.classifier(model.fusion.deq(feats, present=present)[0])
+        unmasked = model(batch)["scores"]
+    assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-6) and torch.allclose(a, direct, atol=1e-6)
+    assert not torch.allclose(a[~present.all(1)], unmasked[~present.all(1)], atol=1e-3)   # the mask does something
+    # training on NaN in absent entries: MMF's losses (with the Jacobian term) and finite gradients everywhere
+    model.train()
+    out = model(nan)
+    assert "train/easy_vqa/deq_jacobian" in out["losses"]
+    sum(v.sum() for v in out["losses"].values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.encoders["image"].out[0].weight.grad.abs().sum() > 0
+
+
+def test_mmf_fusion_without_a_mask_gets_the_zero_filled_inputs():
+    import torch
+
+    model = configured_model("linear_sum").eval()
+    batch, present = masked_batch()
+    nan = with_absent(batch, present, float("nan"))
+    nan.modality_present = present
+    with torch.no_grad():
+        a = model(nan)["scores"]
+        b = model(with_absent(batch, present, 0.0))["scores"]
+    assert torch.isfinite(a).all() and torch.equal(a, b)

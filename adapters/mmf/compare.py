@@ -125,6 +125,7 @@ class MMFComparison(Comparison):
         finally:
             BaseTrainer.evaluate, Checkpoint.restore = evaluate, restore
         trainer, config = state["trainer"], registry.get("config")
+        self._trainer = trainer     # holds the selected checkpoint (MMF restored it for its test run)
         vals = [e for e in evals if e["split"] == "val" and e["phase"] == "training"]
         if trainer is None or not vals:
             raise RuntimeError("MMF ran no validation: nothing to select or report")
@@ -141,6 +142,54 @@ class MMFComparison(Comparison):
                                criterion="the last update"),
         }
         return RunOutcome(selections, [], {"updates": vals[-1]["update"], "evaluations": len(vals)})
+
+
+    def robustness_evaluator(self):
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            raise RuntimeError("robustness_evaluator: no trained run in this process (call train first)")
+        return _Evaluator(trainer)
+
+
+class _Evaluator:
+    """The robustness evaluation (deqfusion_core.compare.robustness) of a trained MMF run: MMF's own evaluation
+    of the test loader, the perturbation applied by ``FusionClassifier.input_transform`` to what each encoder
+    reads; the noise scale from the first ``TRAIN_BATCHES`` batches of MMF's training loader."""
+
+    TRAIN_BATCHES = 100
+    noise_on = ("each modality's encoder input, the batch field it reads (easy-VQA: the image's pixels in [0, 1] "
+                "and the question's bag of words), before the encoder")
+
+    def __init__(self, trainer):
+        from .fusion import DEQFusionMMF
+
+        self.trainer = trainer
+        self.model = getattr(trainer.model, "module", trainer.model)
+        self.modalities = list(self.model.modalities)
+        self.takes_mask = isinstance(self.model.fusion, DEQFusionMMF)
+
+    def train_inputs(self):
+        import torch
+
+        from .missing import modality_mask
+
+        for k, batch in enumerate(self.trainer.train_loader):
+            if k >= self.TRAIN_BATCHES:
+                break
+            sample_list = self.trainer.dataset_loader.prepare_batch(batch)
+            inputs = [self.model._input(m, sample_list) for m in self.modalities]
+            if not all(isinstance(x, torch.Tensor) for x in inputs):
+                raise ValueError("--robustness: an encoder reads the whole sample list (bert); noise on its input "
+                                 "is not defined")
+            yield inputs, modality_mask(sample_list, self.modalities, inputs[0].shape[0])
+
+    def evaluate(self, transform):
+        self.model.input_transform = transform
+        try:
+            _, meter = self.trainer.evaluate(self.trainer.test_loader)
+        finally:
+            self.model.input_transform = None
+        return _metrics(meter, "test")
 
 
 def _metrics(meter, split: str) -> dict[str, float]:

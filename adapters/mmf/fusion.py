@@ -33,8 +33,9 @@ class DEQFusionMMF(FusionAdapter):
         options = FusionOptions(params, where="fusion.params").updated(self.command_line, where="deqfusion run mmf")
         super().__init__(list(input_dims), int(output_dim), options)
 
-    def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.fuse(xs)
+    def forward(self, xs: Sequence[torch.Tensor], present: torch.Tensor | None = None) -> torch.Tensor:
+        """``present`` [B, N] bool: which modality of each sample is there (DEQFusion's mask; None: all)."""
+        return self.fuse(xs, present=present)
 
 
 def register_fusions(options: Mapping[str, Any] | None = None) -> dict[str, type]:

@@ -24,6 +24,7 @@ from torch import nn
 
 from .flavour import install_shims
 from .fusion import DEQFusionMMF, _to_container, add_jacobian_loss, build_fusion
+from .missing import modality_mask, zero_absent
 
 install_shims()  # before the first `import mmf`
 from mmf.common.registry import registry  # noqa: E402
@@ -157,9 +158,26 @@ class FusionClassifier(BaseModel):
         self.classifier = nn.Sequential(nn.Dropout(float(self.config.get("dropout", 0.0))),
                                         nn.Linear(self.config.fusion_dim, self.num_labels))
 
+    input_transform = None   # (inputs, present) -> (inputs, present) before the encoders (robustness evaluation)
+
     def forward(self, sample_list):
-        features = [self._encode(m, sample_list) for m in self.modalities]
-        output = {"scores": self.classifier(self.fusion(features))}
+        inputs = [self._input(m, sample_list) for m in self.modalities]
+        batch = next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor)), None)
+        present = modality_mask(sample_list, self.modalities, batch) if batch is not None else None
+        if self.input_transform is not None:
+            inputs, present = self.input_transform(inputs, present)
+        if present is not None:   # an absent modality's encoder input is zero (NaN there never reaches a gradient)
+            inputs = [zero_absent(x, present[:, i]) if isinstance(x, torch.Tensor) else x
+                      for i, x in enumerate(inputs)]
+        features = [self.encoders[m](x) for m, x in zip(self.modalities, inputs)]
+        if present is not None:   # an encoder that reads the sample list (`bert`): its absent rows' features are zero
+            features = [zero_absent(f, present[:, i]) if not isinstance(x, torch.Tensor) else f
+                        for i, (f, x) in enumerate(zip(features, inputs))]
+        if present is not None and isinstance(self.fusion, DEQFusionMMF):
+            fused = self.fusion(features, present=present)
+        else:   # MMF's fusions take no mask: an absent modality is its encoder's output for a zero input
+            fused = self.fusion(features)
+        output = {"scores": self.classifier(fused)}
         if isinstance(self.fusion, DEQFusionMMF):
             self._record(self.fusion.last_stats)
             add_jacobian_loss(self, self.fusion, sample_list, output)
@@ -175,15 +193,16 @@ class FusionClassifier(BaseModel):
         return [{"params": [p for p in self.parameters() if id(p) not in fusion]},
                 {"params": list(self.fusion.parameters()), "lr": float(lr)}]
 
-    def _encode(self, modality, sample_list):
+    def _input(self, modality, sample_list):
+        """What the modality's encoder reads: its batch field (or the whole sample list, for `bert`)."""
         encoder = self.encoders[modality]
         if getattr(encoder, "reads_sample_list", False):
-            return encoder(sample_list)
+            return sample_list
         field = encoder.field or modality
         if field not in sample_list:
             raise KeyError(f"model_config.{self.config.get('model', 'fusion_classifier')}.encoders.{modality}: the "
                            f"batch has no field {field!r} (set `field:`); it has {', '.join(sorted(sample_list))}")
-        return encoder(sample_list[field])
+        return sample_list[field]
 
     # -- solver statistics into MMF's log --------------------------------------------------------------------
     def _record(self, stats):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import shlex
 import sys
 
+from .robustness import NOISE_LEVELS
 from .study import StudyOptions
 
 __all__ = ["DESCRIPTION", "HELP", "USAGE", "add_arguments", "parse_seeds", "study_options"]
@@ -23,6 +25,18 @@ def parse_seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
+def parse_levels(text: str) -> list[float]:
+    """``0,0.5,1`` -> noise levels (distinct, increasing, >= 0; 0 is the clean evaluation, added if missing)."""
+    try:
+        levels = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected noise levels like 0,0.5,1, got {text!r}") from None
+    levels = sorted(set([0.0, *levels]))
+    if len(levels) < 2 or levels[0] < 0 or not all(math.isfinite(x) for x in levels):
+        raise argparse.ArgumentTypeError(f"expected noise levels >= 0 (at least one > 0), got {text!r}")
+    return levels
+
+
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -37,13 +51,13 @@ def study_options(args: argparse.Namespace, upstream_root: str | None, fusion_op
                         upstream=upstream_root, allow_diff=args.allow_diff or [], fusion_options=fusion_options,
                         upstream_args=list(args.upstream_args), arm_args=arm_args, threads=args.threads,
                         study=args.study, command=shlex.join(["deqfusion", *getattr(args, "argv", sys.argv[1:])]),
-                        dry_run=args.dry_run)
+                        dry_run=args.dry_run, robustness=args.robustness)
 
 
 HELP = ("the paper's A/B: the upstream's own training once per arm and seed, only the fusion swapped; result "
         "files per ../shared/RESULTS.md")
 USAGE = ("deqfusion compare NAME --seeds LIST --out DIR [--smoke] [--fusion deq] [--baseline FUSION] "
-         "[--upstream PATH] [--allow-diff KEY ...] [fusion options] -- <upstream arguments>")
+         "[--upstream PATH] [--allow-diff KEY ...] [--robustness [LEVELS]] [fusion options] -- <upstream arguments>")
 DESCRIPTION = ("Per seed, run the upstream's own training entry once per arm (baseline: the upstream's own fusion; "
                "deq), with identical data, split, seed, optimizer, schedule, clipping, widths and selection. The arms' "
                "effective configurations are compared first: a difference beyond the fusion stops the study (exit 2) "
@@ -68,5 +82,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra upstream arguments for one arm only (a shell-quoted string); the check applies")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run, both arms (default 1)")
     p.add_argument("--study", help="the study's name in the result files (default: the comparison's)")
+    p.add_argument("--robustness", nargs="?", type=parse_levels, const=list(NOISE_LEVELS), default=None,
+                   metavar="LEVELS",
+                   help="after training, evaluate each run's selected checkpoint on the test split with each modality "
+                        "removed and under Gaussian noise of each level on each modality (default levels "
+                        f"{','.join(f'{x:g}' for x in NOISE_LEVELS)}: sigma in units of each feature's std); the "
+                        "summary's robustness section and robustness.png (docs/robustness.md)")
     p.add_argument("--dry-run", action="store_true",
                    help="compute and check the arms' configurations, show each arm's upstream arguments; train nothing")

@@ -172,6 +172,11 @@ class Comparison:
         """Run the upstream's own training entry with ``argv``; report progress; return the run's metrics."""
         raise NotImplementedError
 
+    def robustness_evaluator(self):
+        """After :meth:`train`, in the same worker: a :class:`deqfusion_core.compare.robustness.Evaluator` of the
+        run's selected checkpoint on the test split (``deqfusion compare --robustness``)."""
+        raise NotImplementedError(f"{self.integration}: no robustness evaluation (--robustness)")
+
     @property
     def ref(self) -> str:
         """``module:qualname``: how a worker process rebuilds this comparison."""

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from . import configdiff
 from .spec import Arm, Comparison
+from .robustness_report import plot_robustness, summarize_robustness
 from .summary import duration, selections_of, summarize, write_summary
 
 __all__ = ["StudyError", "StudyOptions", "plan_arms", "project_commit", "read_runs", "run_study"]
@@ -45,6 +46,8 @@ class StudyOptions:
     study: str | None = None
     command: str = ""
     dry_run: bool = False        # check the configurations and say what would run; train nothing
+    robustness: list[float] | None = None   # noise levels: evaluate each run's selected checkpoint under
+                                            # perturbations of the test split (robustness.py); None: off
 
 
 def plan_arms(comparison: Comparison, fusion: str | None, baselines: list[str]) -> list[Arm]:
@@ -173,12 +176,15 @@ def run_study(comparison: Comparison, opts: StudyOptions,
     if unknown_arms:
         raise StudyError(f"--arm-args: no arm {sorted(unknown_arms)[0]!r}; the arms are {', '.join(a.name for a in arms)}")
     reference, fusion_arm = arms[0], arms[-1]
+    if opts.robustness is not None and type(comparison).robustness_evaluator is Comparison.robustness_evaluator:
+        raise StudyError(f"--robustness: {integration} has no robustness evaluation (docs/robustness.md)")
     out = Path(opts.out).resolve()
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     (out / ".gitignore").write_text("work/\n")
     shared = (comparison.smoke_args(opts.upstream_args) if opts.smoke else []) + list(opts.upstream_args)
-    study = opts.study or comparison.study_name(opts.upstream_args)
+    study = opts.study or (("robustness_" if opts.robustness is not None else "") +
+                           comparison.study_name(opts.upstream_args))
     headline = comparison.headline(opts.upstream_args)
 
     # 1. every run's arguments and effective configuration; the arms may differ only in the fusion
@@ -227,6 +233,10 @@ def run_study(comparison: Comparison, opts: StudyOptions,
                 raise StudyError(f"{runs_file} has a finished run of arm {key[0]!r}, seed {key[1]} with another "
                                  f"configuration than this command's: use another --out, or delete that line to "
                                  f"redo the run")
+            if opts.robustness is not None and (r.get("robustness") or {}).get("levels") != list(opts.robustness):
+                raise StudyError(f"{runs_file} has a finished run of arm {key[0]!r}, seed {key[1]} without the "
+                                 f"robustness evaluation this command asks for (or with other noise levels): use "
+                                 f"another --out, or delete that line to redo the run")
             done[key] = r
     todo = [(s, a) for s in opts.seeds for a in arms if (a.name, s) not in done]
     total = len(opts.seeds) * len(arms)
@@ -268,7 +278,8 @@ def run_study(comparison: Comparison, opts: StudyOptions,
                 f"ETA study {duration(eta.remaining(i, arm, elapsed, fraction))}")
 
         worker = _Worker(comparison, opts, run_dir,
-                         {"mode": "train", "argv": argvs[(arm.name, seed)], "run_dir": str(run_dir)})
+                         {"mode": "train", "argv": argvs[(arm.name, seed)], "run_dir": str(run_dir), "seed": seed,
+                          "robustness": opts.robustness})
         try:
             result = worker.run(on_event)
             result["process_s"] = worker.process_s
@@ -305,17 +316,25 @@ def run_study(comparison: Comparison, opts: StudyOptions,
             f" | ETA study {duration(eta.remaining(i, arm, 0.0, 1.0) if i + 1 < len(todo) else 0.0)}")
 
     # 4. the summary of every planned run that is done
-    summary = summarize(records, study=study, integration=integration, metric=headline,
-                        arms=[{"name": a.name, "fusion": a.fusion, "is_fusion": a.is_fusion} for a in arms],
+    summary_arms = [{"name": a.name, "fusion": a.fusion, "is_fusion": a.is_fusion} for a in arms]
+    summary = summarize(records, study=study, integration=integration, metric=headline, arms=summary_arms,
                         seeds=opts.seeds,
                         differences={a.name: [x.as_dict(reference.name, a.name) for x in diffs[(a.name, opts.seeds[0])]]
                                      for a in arms[1:]},
                         not_compared=dict(comparison.not_compared), allowed=opts.allow_diff)
+    planned = [r for r in records if (r["arm"], r["seed"]) in shas]
+    if opts.robustness is not None:
+        summary["robustness"] = summarize_robustness(planned, summary_arms, headline)
     write_summary(out, summary)
     from .plot import plot_paired
 
-    png = plot_paired([r for r in records if (r["arm"], r["seed"]) in shas], summary, out / "paired.png")
-    say(f"wrote {runs_file}, {out / 'summary.md'}, {out / 'summary.json'}" + (f", {png}" if png else ""))
+    pngs = [plot_paired(planned, summary, out / "paired.png")]
+    if opts.robustness is not None:
+        pngs.append(plot_robustness(summary["robustness"], out / "robustness.png",
+                                    f"{study} ({integration}): test {headline} of the {summary['primary_selection']}"
+                                    f"-selected checkpoints under perturbations, mean ± std over seeds"))
+    say(f"wrote {runs_file}, {out / 'summary.md'}, {out / 'summary.json'}" +
+        "".join(f", {png}" for png in pngs if png))
     return status
 
 
@@ -340,4 +359,5 @@ def _record(comparison, integration, study, opts, arm, seed, result, diffs, refe
             "smoke": opts.smoke,
             "behaviour_changes": result.get("behaviour_changes", []), "shims": result.get("shims", []),
             "upstream": result.get("upstream"),
-            "info": result.get("info", {}), "config_sha": sha}
+            "info": result.get("info", {}), "config_sha": sha,
+            **({"robustness": result["robustness"]} if result.get("robustness") else {})}

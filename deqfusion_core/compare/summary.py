@@ -195,6 +195,9 @@ def render_markdown(s: dict) -> str:
     if s["not_compared"]:
         lines += ["", "Not compared (where a run writes, or which file holds its settings):", ""] + \
                  [f"- `{k}`: {why}" for k, why in s["not_compared"].items()]
+    from .robustness_report import render_robustness
+
+    lines += render_robustness(s.get("robustness"))
     return "\n".join(lines).rstrip() + "\n"
 
 

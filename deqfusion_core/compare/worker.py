@@ -69,13 +69,23 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         with SolverRecorder() as recorder:
             outcome = comparison.train(upstream, job["argv"], run_dir, progress)
+        wall_s = round(time.perf_counter() - start, 1)
+        robustness = None
+        if job.get("robustness") is not None:
+            from .robustness import evaluate
+
+            started = time.perf_counter()
+            robustness = evaluate(comparison.robustness_evaluator(), int(job["seed"]), job["robustness"],
+                                  lambda name, k, n: progress(done=k, total=n, unit="robustness condition",
+                                                              metric={"condition": name}))
+            robustness["wall_s"] = round(time.perf_counter() - started, 1)
         from deqfusion_core import compat
 
         shims = compat.applied()
         changes = list(outcome.behaviour_changes) + [f"{s.upstream}: {s.name}: {s.reason}" for s in shims
                                                      if s.behaviour_change]
         result = {"selections": {k: s.as_dict() for k, s in outcome.selections.items()},
-                  "solver": recorder.summary(), "wall_s": round(time.perf_counter() - start, 1),
+                  "solver": recorder.summary(), "wall_s": wall_s, "robustness": robustness,
                   "machine": machine(threads), "behaviour_changes": list(dict.fromkeys(changes)),
                   "shims": list(dict.fromkeys(f"{s.upstream}: {s.name}" for s in shims if not s.behaviour_change)),
                   "info": outcome.info, "config": config,

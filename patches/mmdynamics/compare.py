@@ -51,6 +51,45 @@ def upstream_settings(root: Path, dataset: str) -> dict[str, Any]:
     return out
 
 
+class _Evaluator:
+    """The robustness evaluation (deqfusion_core.compare.robustness) of a trained run: the model at the epoch
+    selected on validation (fair protocol), scored by the upstream's ``test_epoch`` on the perturbed test split,
+    the DEQ head given the perturbed split's mask (the concatenation takes none) and solving from zero."""
+
+    noise_on = ("each view's features as the upstream's encoders read them (after its min-max scaling over the "
+                "training files), before its encoders")
+
+    def __init__(self, run, integration):
+        from .protocol import view_names
+
+        if run.best_state is None:
+            raise RuntimeError("--robustness: needs the fair protocol (a validation-selected epoch)")
+        self.run, self.train_test = run, integration.modules["train_test"]
+        self.modalities = view_names(run.args.views).split("+")
+        self.takes_mask = run.args.fusion == "deq"
+        run.model.load_state_dict(run.best_state)
+
+    def train_inputs(self):
+        yield list(self.run.train), self.run.present_tr
+
+    def evaluate(self, transform):
+        from .head import DEQHead, split_key
+        from .protocol import scores
+
+        run = self.run
+        xs, present = transform([x.clone() for x in run.test], run.present_te)
+        head = getattr(run.model, "MMClasifier", None)
+        if isinstance(head, DEQHead):   # the forward is the upstream's again: tell the head the split and mask
+            head.split_key, head.present = split_key(xs), present   # a new split: a cold start, no warm start
+        try:
+            prob = self.train_test.test_epoch(xs, run.model)
+        finally:
+            if isinstance(head, DEQHead):
+                head.split_solves.pop(head.split_key, None)
+                head.split_key = head.present = None
+        return {k: float(v) for k, v in scores(run.labels_te, prob).items()}
+
+
 def _data_folder(upstream_args: Sequence[str]) -> str | None:
     return arg_value(list(upstream_args), "--data-folder")
 
@@ -120,6 +159,11 @@ class MMDynamicsComparison(Comparison):
             "modelpath": args.modelpath,
         }
 
+    def robustness_evaluator(self):
+        if getattr(self, "_run", None) is None:
+            raise RuntimeError("robustness_evaluator: no trained run in this process (call train first)")
+        return _Evaluator(self._run, self._integration)
+
     def train(self, upstream, argv, run_dir, progress):
         from . import protocol
 
@@ -133,6 +177,7 @@ class MMDynamicsComparison(Comparison):
                      metric={f"{split} {k}": record[split][k] for k in ("acc", "f1_macro")})
 
         run = integ.run(launcher, on_evaluation)
+        self._run, self._integration = run, integ
         history, final = run.summary["history"], run.summary["final"]
         tested = protocol.select(history, "test")
         selections = {}

@@ -36,6 +36,7 @@ class DEQHead(FusionAdapter):
         self.views, self.hidden = views, hidden
         self.classifier = linear_layer(hidden, num_class)     # the upstream LinearLayer (xavier init)
         self.split_key = None     # set by the patched MMDynamic.forward: which data split is passing
+        self.present = None       # and its views' mask [samples, views] (None: every view of every sample)
         # split -> its last solve's SolverStats: warm start of the next epoch (not in state_dict), and its report
         self.split_solves: dict = {}
 
@@ -47,7 +48,7 @@ class DEQHead(FusionAdapter):
         z0 = previous.state if previous is not None else None
         if z0 is not None and z0.shape[0] != concatenated.shape[0]:
             z0 = None
-        fused = self.fuse(xs, z0=z0)
+        fused = self.fuse(xs, z0=z0, present=self.present)
         self.split_solves[self.split_key] = self.last_stats
         return self.classifier(fused)
 
@@ -58,9 +59,11 @@ def split_key(data_list) -> tuple:
     return (x.data_ptr(), tuple(x.shape))
 
 
-def patched_model(model_module, options, fusion: str, hidden: int | None):
+def patched_model(model_module, options, fusion: str, hidden: int | None, masks: dict | None = None):
     """``MMDynamic.__init__`` and ``forward`` for a run: width ``hidden`` (None: the upstream's), and with
-    ``fusion == "deq"`` the :class:`DEQHead` built from ``options``."""
+    ``fusion == "deq"`` the :class:`DEQHead` built from ``options``, given the mask ``masks[split_key(data)]`` of
+    the data split passing (absent views; :mod:`.missing`)."""
+    masks = {} if masks is None else masks
     cls = model_module.MMDynamic
     upstream_init, upstream_forward = cls.__init__, cls.forward
 
@@ -77,6 +80,7 @@ def patched_model(model_module, options, fusion: str, hidden: int | None):
     def forward(self, data_list, label=None, infer=False):
         if isinstance(self.MMClasifier, DEQHead):
             self.MMClasifier.split_key = split_key(data_list)
+            self.MMClasifier.present = masks.get(self.MMClasifier.split_key)
         return upstream_forward(self, data_list, label, infer)
 
     return __init__, forward

@@ -34,6 +34,7 @@ import torch
 from deqfusion_core.integration import Patches
 
 from .head import DEQHead, clip_on_step, patched_model, split_key
+from .missing import nan_aware_numpy, view_mask
 
 VIEWS = {"mR": 1, "D": 2, "miR": 3}      # MOGONET's files: 1 mRNA expression, 2 DNA methylation, 3 miRNA
 DATASETS = ("ROSMAP", "BRCA")             # the names the upstream's train() recognises (its hyper-parameters)
@@ -158,6 +159,12 @@ class Run:
     val: list | None = None
     labels_val: np.ndarray | None = None
     split_keys: dict = field(default_factory=dict)
+    train: list | None = None
+    present_tr: Any = None       # [samples, views] bool of each split (None: every view of every sample present)
+    present_te: Any = None
+    masks: dict = field(default_factory=dict)   # split_key -> its present mask, read by the patched forward
+    best_state: dict | None = None    # fair protocol: the model's state at the validation-selected evaluation
+    best_epoch: int | None = None
     checkpoint: dict | None = None
     summary: dict = field(default_factory=dict)
 
@@ -193,8 +200,11 @@ def patch_script(patches: Patches, train_test, run: Run, on_evaluation=None) -> 
 
     def prepare_trte_data(_dataset_name):
         """The upstream loader on the user's folder; keeps the selected views; fair: carves off validation."""
-        tr, te, idx, labels = upstream["prepare_trte_data"](str(Path(args.data_folder).expanduser().resolve()))
+        with nan_aware_numpy(train_test):   # all-NaN rows: absent views (missing.py); identical on complete data
+            tr, te, idx, labels = upstream["prepare_trte_data"](str(Path(args.data_folder).expanduser().resolve()))
         tr, te = [tr[v - 1] for v in args.views], [te[v - 1] for v in args.views]
+        tr, present_tr = view_mask(tr, [f"{v}_tr.csv" for v in args.views], "training")
+        te, run.present_te = view_mask(te, [f"{v}_te.csv" for v in args.views], "test")
         labels_tr, labels_te = labels[idx["tr"]], labels[idx["te"]]
         if run.protocol == "fair":
             from sklearn.model_selection import train_test_split
@@ -205,7 +215,15 @@ def patch_script(patches: Patches, train_test, run: Run, on_evaluation=None) -> 
             run.val = [x[torch.as_tensor(val, device=x.device)] for x in tr]
             run.labels_val = labels_tr[val]
             tr, labels_tr = [x[torch.as_tensor(keep, device=x.device)] for x in tr], labels_tr[keep]
+            present_val = None if present_tr is None else present_tr[torch.as_tensor(val, device=present_tr.device)]
+            present_tr = None if present_tr is None else present_tr[torch.as_tensor(keep, device=present_tr.device)]
+            if present_val is not None:
+                run.masks[split_key(run.val)] = present_val
+        run.train, run.present_tr = tr, present_tr
         run.test, run.labels_te = te, labels_te
+        for x, present in ((tr, present_tr), (te, run.present_te)):
+            if present is not None:
+                run.masks[split_key(x)] = present
         named = {"train": tr, "test": te, "val": run.val}
         run.split_keys = {split_key(x): name for name, x in named.items() if x is not None}
         n_tr = len(labels_tr)
@@ -229,6 +247,9 @@ def patch_script(patches: Patches, train_test, run: Run, on_evaluation=None) -> 
         if run.protocol == "fair":
             record["val"] = scores(run.labels_val, upstream["test_epoch"](run.val, model))
             run.print(f"epoch {epoch} validation: {fmt(record['val'])}")
+            if not run.history or select(run.history + [record], "val") is record:   # the first best, as select
+                run.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                run.best_epoch = epoch
         run.history.append(record)
         report_solver(run, model, epoch)
         if on_evaluation is not None:
@@ -277,13 +298,21 @@ def run(modules: dict, options, args: argparse.Namespace, root: Path, on_evaluat
         current.label = f"fair protocol: test split every {args.eval_every} epochs, monitoring only"
     builtins.print(f"== {title}, protocol {current.protocol}")
     with Patches() as patches:
-        init, forward = patched_model(modules["model"], options, args.fusion, hidden)
+        init, forward = patched_model(modules["model"], options, args.fusion, hidden, current.masks)
         patches.set(modules["model"].MMDynamic, "__init__", init)
         patches.set(modules["model"].MMDynamic, "forward", forward)
         patch_script(patches, train_test, current, on_evaluation)
         train_test.train(args.dataset, os.path.join(modelpath, ""), args.testonly)
     current.summary = summarize(current, train_test, title)
     return current
+
+
+def give_mask(run: Run, data_list) -> None:
+    """After the script (the model's forward is the upstream's again, which does not tell the DEQ head which split
+    passes): give the head the mask of ``data_list`` (None: every view of every sample present)."""
+    head = getattr(run.model, "MMClasifier", None)
+    if isinstance(head, DEQHead):
+        head.present = run.masks.get(split_key(data_list))
 
 
 def summarize(run: Run, train_test, title: str) -> dict[str, Any]:
@@ -294,11 +323,13 @@ def summarize(run: Run, train_test, title: str) -> dict[str, Any]:
         summary["checkpoint"] = run.checkpoint
         builtins.print(f"[{run.label}] {fmt(run.checkpoint)}")
         return summary
+    give_mask(run, run.test)
     final = scores(run.labels_te, train_test.test_epoch(run.test, run.model))
     history, n_epochs = run.history, len(run.epoch_times)
     summary.update(epochs=n_epochs - 1, epoch_time_s=float(np.mean(run.epoch_times)), history=history)
     summary["final"] = dict(final, epoch=n_epochs - 1)
     if run.protocol == "fair":
+        give_mask(run, run.val)
         summary["final"]["val"] = scores(run.labels_val, train_test.test_epoch(run.val, run.model))
     best = select(history, "test")
     summary["test_selected"] = dict(best["test"], epoch=best["epoch"])

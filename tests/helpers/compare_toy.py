@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 from pathlib import Path
 
@@ -21,6 +22,16 @@ def parse(argv):
     p.add_argument("--out", required=True)
     p.add_argument("--opt", action="append", default=[])
     return p.parse_args(argv)
+
+
+class _Evaluator:
+    noise_on = "the toy's inputs"
+
+    def __init__(self, modalities, takes_mask, train, evaluate):
+        self.modalities, self.takes_mask, self.train, self.evaluate = modalities, takes_mask, train, evaluate
+
+    def train_inputs(self):
+        yield self.train, None
 
 
 class ToyComparison(Comparison):
@@ -53,6 +64,9 @@ class ToyComparison(Comparison):
         return {"model": model, "train": {"seed": a.seed, "steps": a.steps, "lr": a.lr, "clip": a.clip},
                 "out": a.out}
 
+    def robustness_evaluator(self):
+        return self.evaluator
+
     def train(self, upstream, argv, run_dir, progress):
         import torch
         from torch import nn
@@ -75,21 +89,25 @@ class ToyComparison(Comparison):
         head = nn.Linear(16 if a.fusion == "concat" else 8, 2)
         params = [*enc.parameters(), *head.parameters(), *(fusion.parameters() if fusion else [])]
         opt = torch.optim.Adam(params, lr=a.lr)
+        modules = [m for m in (enc, head, fusion) if m is not None]
 
-        def forward(part):
+        def forward(part, transform=None):
             s = split[part]
-            h = [torch.relu(e(x[s])) for e, x in zip(enc, (x1, x2))]
+            xs, present = [x1[s], x2[s]], None
+            if transform is not None:
+                xs, present = transform(xs, present)
+            h = [torch.relu(e(x)) for e, x in zip(enc, xs)]
             if a.fusion == "deq":
-                z = fusion(h)[0]
+                z = fusion(h, present=present)[0]
             else:
                 z = torch.cat(h, 1) if a.fusion == "concat" else h[0] + h[1]
             return head(z), y[s]
 
-        def accuracy(part):
+        def accuracy(part, transform=None):
             for m in (enc, head, fusion):
                 m is not None and m.eval()
             with torch.no_grad():
-                out, t = forward(part)
+                out, t = forward(part, transform)
             for m in (enc, head, fusion):
                 m is not None and m.train()
             return {"accuracy": float((out.argmax(1) == t).float().mean())}
@@ -104,8 +122,14 @@ class ToyComparison(Comparison):
                 nn.utils.clip_grad_norm_(params, a.clip)
             opt.step()
             history.append((step, accuracy("val"), accuracy("test")))
+            if max(history, key=lambda h: h[1]["accuracy"]) is history[-1]:   # the selected step so far
+                best_state = [copy.deepcopy(m.state_dict()) for m in modules]
             progress(done=step, total=a.steps, unit="step", metric={"val accuracy": history[-1][1]["accuracy"]})
         best = max(history, key=lambda h: h[1]["accuracy"])
+        for m, state in zip(modules, best_state):
+            m.load_state_dict(state)
+        self.evaluator = _Evaluator(["x1", "x2"], a.fusion == "deq", [x1[split["train"]], x2[split["train"]]],
+                                    lambda transform: accuracy("test", transform))
         return RunOutcome({"val": Selection(best[1], best[2], at=f"step {best[0]}", criterion="best val accuracy"),
                            "final": Selection(history[-1][1], history[-1][2], at=f"step {a.steps}",
                                               criterion="the last step")},
