@@ -34,7 +34,9 @@ def rel_err(a, b):
 
 
 def test_output_is_a_fixed_point():
-    m = model(torch.float64, f_tol=1e-9, f_max_iter=200)
+    # history 6: with the default 5, one sample's Anderson trajectory stalls near 1e-3 or converges at step ~156
+    # depending on rounding-level differences in f (fused vs unfused additions)
+    m = model(torch.float64, f_tol=1e-9, f_max_iter=200, solver_options={"m": 6})
     xs = inputs(DIMS, batch=5, dtype=torch.float64)
     out = m(xs)
     assert out.fused.shape == (5, 8)
