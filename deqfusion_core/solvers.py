@@ -11,7 +11,9 @@ and ``z0`` is ``[B, L]``. Per-sample behaviour:
 - the only host synchronisation per step is the one the stopping test needs, and it also
   detects non-finite residuals (:class:`DEQConvergenceError`); every solver takes ``check_every=k``
   (default 1): the test (and so that sync) runs every k steps and at the cap; in between, every sample
-  iterates on and each still returns its best iterate (on a GPU, k > 1 keeps the host from waiting each step).
+  iterates on and each still returns its best iterate (on a GPU, k > 1 keeps the host from waiting each step);
+  ``compact=False``: the working set is never compacted (fixed shapes, e.g. for CUDA graphs): stopped samples
+  iterate on until all have stopped, each returning its best iterate.
 
 Solvers are registered by name (``register_solver``) in the timm way; ``get_solver(name)``. A new solver
 builds on :class:`Tracker`, which owns the residuals, the stopping rule and the working set. A solve's
@@ -106,16 +108,18 @@ class Tracker:
     """
 
     def __init__(self, z0: torch.Tensor, tol: float, stop: str, max_iter: int, eps: float = 1e-8, *,
-                 autograd: bool = False, keep: int = 0, check_every: int = 1):
+                 autograd: bool = False, keep: int = 0, check_every: int = 1, compact: bool = True):
         if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
             raise ValueError(f"check_every: must be an int >= 1, got {check_every!r}")
+        if not isinstance(compact, bool):
+            raise ValueError(f"compact: must be True or False, got {compact!r}")
         if stop not in ("rel", "abs"):
             raise ValueError(f"stop: expected 'rel' or 'abs', got {stop!r}")
         if max_iter < 1:
             raise ValueError(f"max_iter: must be >= 1, got {max_iter}")
         B = z0.shape[0]
         self.tol, self.stop, self.max_iter, self.eps, self.autograd = tol, stop, max_iter, eps, autograd
-        self.check_every = check_every
+        self.check_every, self.compact = check_every, compact
         self.best = None if autograd else z0.clone()
         inf = torch.full((B,), float("inf"), dtype=z0.dtype, device=z0.device)
         self.best_abs, self.best_rel = inf.clone(), inf.clone()
@@ -157,7 +161,7 @@ class Tracker:
         if n_keep == 0 or self.nstep >= self.max_iter:
             self.done = True
             return None
-        if n_keep == keep.numel() or self.autograd:
+        if n_keep == keep.numel() or self.autograd or not self.compact:
             return None
         compact = _compaction(keep, n_keep)
         full = torch.arange(keep.numel(), device=keep.device) if rows is None else rows.clone()
@@ -211,9 +215,10 @@ def _compaction(keep: torch.Tensor, n_keep: int):
 
 @register_solver("fixed_point")
 def fixed_point(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3,
-                stop: str = "rel", damping: float = 1.0, keep: int = 0, check_every: int = 1) -> SolveResult:
+                stop: str = "rel", damping: float = 1.0, keep: int = 0, check_every: int = 1,
+                compact: bool = True) -> SolveResult:
     """Plain (optionally damped) fixed-point iteration z <- (1 - damping) z + damping f(z)."""
-    t = Tracker(z0, tol, stop, max_iter, keep=keep, check_every=check_every)
+    t = Tracker(z0, tol, stop, max_iter, keep=keep, check_every=check_every, compact=compact)
     x = z0
     while True:
         fx = f(x, t.rows)
@@ -228,7 +233,7 @@ def fixed_point(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: 
 @register_solver("anderson")
 def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3, stop: str = "rel",
              m: int = 5, lam: float = 1e-4, beta: float = 1.0, stall: int = 0, stall_factor: float = 0.9,
-             stall_damping: float = 0.5, keep: int = 0, check_every: int = 1) -> SolveResult:
+             stall_damping: float = 0.5, keep: int = 0, check_every: int = 1, compact: bool = True) -> SolveResult:
     """Anderson acceleration (type II) with history ``m``, Tikhonov regularisation ``lam`` (relative to the
     mean squared residual in the history) and mixing ``beta``.
 
@@ -244,7 +249,7 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
     """
     if m < 1:
         raise ValueError(f"m: Anderson history must be >= 1, got {m}")
-    t = Tracker(z0, tol, stop, max_iter, keep=keep, check_every=check_every)
+    t = Tracker(z0, tol, stop, max_iter, keep=keep, check_every=check_every, compact=compact)
     watch = Stagnation(z0, m, stall, stall_factor, stall_damping) if stall else None
     B, L = z0.shape
     F = z0.new_zeros(B, m, L)      # f(x) history
@@ -290,7 +295,9 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
         Hn = torch.addcmul(H[:, :n + 1, :n + 1], ridge[:, :, None], ridge_at[:n + 1, :n + 1])
         if watch is not None:
             watch.mask(Hn, n)
-        alpha = torch.linalg.solve(Hn, y[:n + 1])[:, 1:].transpose(1, 2)  # [b, 1, n], sums to 1
+        # solve_ex: no check of the factorisation's status (that check is a host sync on a GPU); the ridge keeps
+        # Hn nonsingular
+        alpha = torch.linalg.solve_ex(Hn, y[:n + 1])[0][:, 1:].transpose(1, 2)  # [b, 1, n], sums to 1
         x = torch.bmm(alpha, F[:, :n])[:, 0]                     # beta * alpha F + (1 - beta) * alpha X,
         if beta != 1.0:                                          # with X = F - G
             x = x - (1 - beta) * torch.bmm(alpha, G[:, :n])[:, 0]
@@ -368,7 +375,7 @@ class Stagnation:
 
 @register_solver("broyden")
 def broyden(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3, stop: str = "rel",
-            memory: int = 16, keep: int = 0, check_every: int = 1) -> SolveResult:
+            memory: int = 16, keep: int = 0, check_every: int = 1, compact: bool = True) -> SolveResult:
     """Good Broyden's method on g(z) = f(z) - z, batched per sample, without line search.
 
     The inverse-Jacobian estimate -I + U V^T keeps at most ``memory`` rank-one updates and restarts
@@ -376,7 +383,7 @@ def broyden(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: floa
     """
     if memory < 1:
         raise ValueError(f"memory: must be >= 1, got {memory}")
-    t = Tracker(z0, tol, stop, max_iter, keep=keep, check_every=check_every)
+    t = Tracker(z0, tol, stop, max_iter, keep=keep, check_every=check_every, compact=compact)
     B, L = z0.shape
     UTs = z0.new_zeros(B, memory, L)   # U^T and V^T: products with them are row vector x [n, L] matrix
     VTs = z0.new_zeros(B, memory, L)   # (10x faster on CPU than [L, n] or [n, L] x column vector)
