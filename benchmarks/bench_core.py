@@ -28,13 +28,24 @@ from torch.utils.checkpoint import checkpoint
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import copy_weights_to_reference, load_reference, reference_grads, reference_root  # noqa: E402
 
-from deqfusion_core.bench import contractive_problem  # noqa: E402
+from deqfusion_core.bench import SMALL, contractive_problem, f_cost, fmt_cost, machine  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- setup
+# --shape presets (batch, modalities, width): BRCA as the reference code runs it; an MM-IMDB-like and a VQA-like
+# fusion (two modalities; widths of MultiBench's MM-IMDB late-fusion features and MCAN-small's flattened features)
+SHAPES = {"brca": (612, 3, 500), "mmimdb": (128, 2, 512), "vqa": (64, 2, 1024)}
+SYNC = [lambda: None]      # torch.cuda.synchronize on CUDA (main): every timing waits for the device
+
+
+def now() -> float:
+    SYNC[0]()
+    return time.perf_counter()
+
+
 def build(args, seed=0):
     return contractive_problem(args.batch, [args.dim] * args.modalities, args.dim, args.classes,
-                               args.warmup_steps, seed=seed)
+                               args.warmup_steps, device=args.device, seed=seed)
 
 
 def loss_of(fused, head, labels):
@@ -44,9 +55,9 @@ def loss_of(fused, head, labels):
 def timed(fn, repeats):
     times, out = [], None
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = now()
         out = fn()
-        times.append(time.perf_counter() - t)
+        times.append(now() - t)
     return statistics.median(times), out
 
 
@@ -68,7 +79,7 @@ def unrolled_ground_truth(ours, xs, head, labels, steps=300, damping=0.5):
     m = copy.deepcopy(ours)
     m.zero_grad()
     inj = m.inject(xs)
-    z = torch.zeros(xs[0].shape[0], m.state_width)
+    z = xs[0].new_zeros(xs[0].shape[0], m.state_width)
     step = lambda s: torch.lerp(s, m.layer(s, inj), damping)
     for _ in range(steps):
         z = checkpoint(step, z, use_reentrant=False)
@@ -81,21 +92,21 @@ def unrolled_ground_truth(ours, xs, head, labels, steps=300, damping=0.5):
 
 def ours_step(m, xs, head, labels, warm=None):
     m.zero_grad()
-    t0 = time.perf_counter()
+    t0 = now()
     out = m(xs, warm_start=warm)
-    t1 = time.perf_counter()
+    t1 = now()
     loss_of(out.fused, head, labels).backward()
-    t2 = time.perf_counter()
+    t2 = now()
     return out, t1 - t0, t2 - t1
 
 
 def reference_step(ref, xs, head, labels):
     ref.zero_grad()
-    t0 = time.perf_counter()
+    t0 = now()
     fused, jac, result = ref(xs)
-    t1 = time.perf_counter()
+    t1 = now()
     loss_of(fused, head, labels).backward()
-    t2 = time.perf_counter()
+    t2 = now()
     return result, t1 - t0, t2 - t1
 
 
@@ -105,14 +116,14 @@ def torchdeq_step(m, xs, head, labels, tol, max_iter):
     deq = get_deq(f_solver="anderson", f_max_iter=max_iter, f_tol=tol, f_stop_mode="rel",
                   b_solver="anderson", b_max_iter=max_iter, b_tol=tol, b_stop_mode="rel", ift=True)
     m.zero_grad()
-    t0 = time.perf_counter()
+    t0 = now()
     inj = m.inject(xs)
-    z0 = torch.zeros(xs[0].shape[0], m.state_width)
+    z0 = xs[0].new_zeros(xs[0].shape[0], m.state_width)
     z_out, info = deq(lambda z: m.layer(z, inj), z0)
     z = z_out[-1]
-    t1 = time.perf_counter()
+    t1 = now()
     loss_of(z.view(z.shape[0], -1, m.dim)[:, -1], head, labels).backward()
-    t2 = time.perf_counter()
+    t2 = now()
     return info, t1 - t0, t2 - t1
 
 
@@ -129,7 +140,7 @@ def forward_solve(args, ours, xs, R, report):
     """f evaluations and time to relative residual 1e-3, and solver overhead over bare f evaluations."""
     m = copy.deepcopy(ours).eval()
     inj = m.inject(xs)
-    z0 = torch.zeros(xs[0].shape[0], m.state_width)
+    z0 = xs[0].new_zeros(xs[0].shape[0], m.state_width)
     with torch.no_grad():
         t_f, _ = timed(lambda: m.layer(z0 + 0.1, inj), args.repeats * 3)
         rows = {}
@@ -139,7 +150,7 @@ def forward_solve(args, ours, xs, R, report):
         rows["deqfusion (per-sample rel 1e-3)"] = dict(f_evals=evals, time_s=t, overhead=t / (evals * t_f),
                                                       rel_residual_max=out.stats.rel_residual)
         if R is not None:
-            ref = R.DEQFusion(m.dim, m.num_modalities, f_thres=105, b_thres=106)
+            ref = R.DEQFusion(m.dim, m.num_modalities, f_thres=105, b_thres=106).to(args.device)
             copy_weights_to_reference(m, ref)
             fusion_feature = inj.x_fuse
             func = count_calls(lambda z: R.list2vec(ref.func_(R.vec2list(z, [m.dim] * (m.num_modalities + 1)),
@@ -202,7 +213,7 @@ def train_steps(args, ours, xs, head, labels, R, report):
         variants.update({f"reference f {f:g} b {b:g}": (f, b) for f, b in TOLERANCES[1:]})
         for name, eps in variants.items():
             ref = R.DEQFusion(ours.dim, ours.num_modalities, f_thres=105, b_thres=106,
-                              stop_mode="abs" if eps is None else "rel")
+                              stop_mode="abs" if eps is None else "rel").to(args.device)
             if eps is not None:
                 ref.f_solver = functools.partial(R.anderson, eps=eps[0])
                 ref.b_solver = functools.partial(R.anderson, eps=eps[1])
@@ -244,10 +255,10 @@ def warm_started(args, ours, xs, head, labels, R, report):
         opt = torch.optim.Adam(m.parameters(), lr=1e-4)
         prev, times, forward, evals = None, [], [], []
         for i in range(args.repeats + 2):   # the first two steps cannot use both warm starts
-            t = time.perf_counter()
+            t = now()
             out, t_forward, _ = ours_step(m, xs, head, labels, warm=prev if warm else None)
             opt.step()
-            times.append(time.perf_counter() - t)
+            times.append(now() - t)
             forward.append(t_forward)
             evals.append((out.stats.nstep, out.stats.backward.nstep))
             prev = out.stats
@@ -301,8 +312,15 @@ def memory_child(args):
     else:
         R = load_reference()
         ref = R.DEQFusion(ours.dim, ours.num_modalities, f_thres=steps, b_thres=steps + 1, stop_mode="abs")
-        copy_weights_to_reference(ours, ref)
+        copy_weights_to_reference(ours, ref.to(args.device))
         run = lambda: reference_step(ref.train(), xs, head, labels)
+    if args.device.startswith("cuda"):     # the peak of allocated device memory over the step's own start
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        print((torch.cuda.max_memory_allocated() - base) / 2**20)
+        return
     with PeakRSS() as peak:
         run()
     print(peak.growth_mib)
@@ -313,7 +331,7 @@ def memory(args, report, have_ref):
     methods = ["deqfusion:10", "deqfusion:100"] + (["reference:10", "reference:100"] if have_ref else [])
     for meth in methods:
         cmd = [sys.executable, __file__, "--memory-of", meth, "--batch", str(args.batch), "--dim", str(args.dim),
-               "--warmup-steps", "0"]
+               "--modalities", str(args.modalities), "--warmup-steps", "0", "--device", args.device]
         # A fixed mmap threshold makes glibc return freed tensors to the OS, so resident memory tracks live
         # tensors; with its default dynamic threshold, heap fragmentation makes RSS creep with every step.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -323,6 +341,14 @@ def memory(args, report, have_ref):
             continue
         rows[meth.replace(":", f" steps=")] = dict(peak_rss_growth_mib=float(out.stdout.strip().splitlines()[-1]))
     report["memory"] = rows
+
+
+def cost(args, report):
+    """One f and one VJP against f's own matrix products, and a training step with 30-step solves, at these
+    shapes and at small ones (``deqfusion_core.bench.f_cost``)."""
+    report["cost"] = {name: f_cost(**shape, repeats=max(args.repeats * 4, 8), device=args.device)
+                      for name, shape in (("large", dict(batch=args.batch, modalities=args.modalities, dim=args.dim)),
+                                          ("small", SMALL))}
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -352,6 +378,8 @@ def summary(report):
         err = f", grad error of the last step {err:.1e}" if err is not None else ""
         vs = f", {theirs[0] / row['step_s']:.1f}x faster than {theirs[1]} ({theirs[0]:.2f} s)" if theirs else ""
         out[f"repeated full-batch steps: {name}"] = f"{row['step_s']:.2f} s/step{err}{vs}"
+    for name, r in report.get("cost", {}).items():
+        out[f"cost ({name})"] = fmt_cost(r)
     fwd = report.get("forward", {})
     for k, v in fwd.items():
         out[f"forward solve time / (f evals x one f): {k}"] = f"{v['overhead']:.2f}"
@@ -379,32 +407,43 @@ def fmt(rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), help="batch, modalities and width of a preset "
+                   f"({', '.join(f'{k}: {v}' for k, v in SHAPES.items())}); default brca")
     p.add_argument("--batch", type=int, default=612)
     p.add_argument("--dim", type=int, default=500)
     p.add_argument("--modalities", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (every timing synchronises the device)")
     p.add_argument("--classes", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=10, help="Jacobian-regularised steps that make f contractive")
     p.add_argument("--unrolled-steps", type=int, default=300)
     p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run")
-    p.add_argument("--skip", nargs="*", default=[], choices=["forward", "train", "warm", "memory"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["cost", "forward", "train", "warm", "memory"])
     p.add_argument("--out", default="benchmarks/results/core_cpu.json")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.shape:
+        args.batch, args.modalities, args.dim = SHAPES[args.shape]
     if args.quick:
         args.batch, args.dim, args.repeats = 64, 64, 2
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: CUDA is not available here")
+        SYNC[0] = torch.cuda.synchronize
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.memory_of:
         return memory_child(args)
 
-    report = {"config": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "skipped": []}
+    report = {"config": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(), "skipped": [],
+              "machine": machine()}
     R = None
     if reference_root() is None:
         report["skipped"].append("reference: DEQFUSION_REFERENCE_ROOT is unset")
     else:
         R = load_reference()
     ours, xs, head, labels = build(args)
-    parts = (("forward", "forward", lambda: forward_solve(args, ours, xs, R, report)),
+    parts = (("cost", "cost", lambda: cost(args, report)),
+             ("forward", "forward", lambda: forward_solve(args, ours, xs, R, report)),
              ("train", "train_step", lambda: train_steps(args, ours, xs, head, labels, R, report)),
              ("warm", "warm_start", lambda: warm_started(args, ours, xs, head, labels, R, report)),
              ("memory", "memory", lambda: memory(args, report, R is not None)))
@@ -412,6 +451,7 @@ def main(argv=None):
         if flag not in args.skip:
             run()
             print(f"\n## {key}\n{fmt(report[key])}", flush=True)
+    report["load_avg_1m_end"] = os.getloadavg()[0]
     report["summary"] = summary(report)
     print("\n## summary (ratios to the reference)")
     for k, v in report["summary"].items():

@@ -326,9 +326,26 @@ def write_summary(out: Path) -> None:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
+def study_parser(doc: str, known, kind: str, out: Path) -> argparse.ArgumentParser:
+    """The arguments every study script here takes: the names to run (of ``known``), --out, and --worker (one run in
+    its own process)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("names", nargs="*", default=list(known), help=f"{kind}s ({', '.join(known)})")
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p
+
+
+def study_args(p: argparse.ArgumentParser, argv, known, kind: str) -> argparse.Namespace:
+    a = p.parse_args(argv)
+    unknown = sorted(set(a.names) - set(known))
+    if unknown and not a.worker:
+        p.error(f"unknown {kind}(s) {unknown}; known: {', '.join(known)}")
+    return a
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("names", nargs="*", default=list(RECIPES), help=f"recipes ({', '.join(RECIPES)})")
+    p = study_parser(__doc__, RECIPES, "recipe", OUT)
     p.add_argument("--escalate", action="store_true", help="under 95%%: jac_term=diagonal, then norm=contractive")
     p.add_argument("--set", action="append", type=parse_fusion_option, default=[], metavar="KEY=VALUE",
                    help="run once with these fusion options over the integration's defaults (repeatable)")
@@ -336,14 +353,9 @@ def main(argv=None) -> int:
     p.add_argument("--diagnose", action="store_true", help="rho and a longer re-solve after each evaluation solve")
     p.add_argument("--epochs", type=int, help="override each recipe's epochs")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
+    a = study_args(p, argv, RECIPES, "recipe")
     if a.worker:
         return worker(a.worker)
-    unknown = sorted(set(a.names) - set(RECIPES))
-    if unknown:
-        p.error(f"unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / ".gitignore").write_text("work/\n")
     command = shlex.join(["python", "benchmarks/recipe_convergence.py", *(argv if argv is not None else sys.argv[1:])])

@@ -1,17 +1,24 @@
-"""`deqfusion bench`: solver steps and timings of DEQFusion at given shapes (default: BRCA's).
+"""`deqfusion bench`: what one f, one VJP and a training step cost at given shapes, against f's own matrix
+products, in two regimes: the given shapes (default BRCA's: batch 612, 3 modalities, width 500) and small
+ones (batch 64, 6 modalities x 64), where per-op overhead rather than arithmetic sets the cost.
 
 The side-by-side comparison with the paper authors' reference, TorchDEQ and unrolled autograd is
 ``benchmarks/bench_core.py``; both start from :func:`contractive_problem`.
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .module import DEQFusion
+
+SMALL = dict(batch=64, modalities=6, dim=64)
 
 
 def contractive_problem(batch=612, input_dims=(500, 500, 500), dim=500, classes=5, warmup_steps=10,
@@ -40,10 +47,97 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _timer(device):
+    def timed(fn):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - t
+    return timed
+
+
+def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: int = 20, device="cpu",
+           seed: int = 0, **fusion_options) -> dict:
+    """One application of f (no autograd, as in a forward solver step), one VJP of f (as in a backward solver
+    step) and a training step whose forward and backward solves run exactly ``steps`` steps each (tolerance
+    0, no Jacobian term), against f's own 2N+2 matrix products [batch, dim] x [dim, dim] (the VJP's are as
+    many). Each repeat times them one after the other, so load changes them alike; medians in seconds."""
+    torch.manual_seed(seed)
+    m = DEQFusion([dim] * modalities, dim, num_groups=4, f_max_iter=steps, b_max_iter=steps, f_tol=1e-300,
+                  b_tol=1e-300, jac_samples=0, jac_weight=0.0, **fusion_options).to(device)
+    xs = [torch.randn(batch, dim, device=device) for _ in range(modalities)]
+    head = torch.nn.Linear(dim, 5).to(device)
+    labels = torch.randint(0, 5, (batch,), device=device)
+    a, w = torch.randn(batch, dim, device=device), torch.randn(dim, dim, device=device)
+    products = 2 * modalities + 2
+    with torch.no_grad():
+        inj = m.inject(xs)
+    z = torch.randn(batch, m.state_width, device=device)
+    zg = z.clone().requires_grad_()
+    fz = m.layer(zg, inj)
+    v = torch.randn_like(fz)
+    parts = {"step": [], "forward": [], "backward": []}
+
+    def step():
+        m.zero_grad()
+        t = time.perf_counter()
+        out = m(xs)
+        _sync(device)
+        parts["forward"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        F.cross_entropy(head(out.fused), labels).backward()
+        _sync(device)
+        parts["backward"].append(time.perf_counter() - t)
+
+    timed = _timer(device)
+    rows = {"matmuls": [], "f": [], "vjp": []}
+    for i in range(repeats + 2):
+        with torch.no_grad():
+            t_mm = timed(lambda: [torch.mm(a, w) for _ in range(products)])
+            t_f = timed(lambda: m.layer(z, inj))
+        t_vjp = timed(lambda: torch.autograd.grad(fz, zg, v, retain_graph=True))
+        t_step = timed(step) if (i - 2) % 4 == 0 else None   # a step costs about 2 x steps f: fewer of them
+        if i >= 2:   # warm-up
+            rows["matmuls"].append(t_mm), rows["f"].append(t_f), rows["vjp"].append(t_vjp)
+            if t_step is not None:
+                parts["step"].append(t_step)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    return dict(batch=batch, modalities=modalities, dim=dim, matmuls=products, device=str(device),
+                one_f_s=med["f"], one_vjp_s=med["vjp"], matmuls_s=med["matmuls"],
+                f_over_matmuls=med["f"] / med["matmuls"], vjp_over_matmuls=med["vjp"] / med["matmuls"],
+                train_step_steps=steps, train_step_s=statistics.median(parts["step"]),
+                train_forward_s=statistics.median(parts["forward"][-len(parts["step"]):]),
+                train_backward_s=statistics.median(parts["backward"][-len(parts["step"]):]))
+
+
+def machine() -> dict:
+    """Where a timing ran: torch, threads and the load average (timings under load > cores are noisy)."""
+    return dict(torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
+                load_avg_1m=os.getloadavg()[0])
+
+
+def fmt_cost(r: dict) -> str:
+    return (f"batch {r['batch']}, {r['modalities']} x {r['dim']}: one f {r['one_f_s'] * 1e3:.3f} ms "
+            f"({r['f_over_matmuls']:.2f}x its {r['matmuls']} matrix products), one VJP {r['one_vjp_s'] * 1e3:.3f} ms "
+            f"({r['vjp_over_matmuls']:.2f}x), training step with {r['train_step_steps']}-step solves "
+            f"{r['train_step_s'] * 1e3:.1f} ms (forward {r['train_forward_s'] * 1e3:.1f}, "
+            f"backward {r['train_backward_s'] * 1e3:.1f})")
+
+
 def main(args) -> int:
-    fusion, xs, head, labels = contractive_problem(args.batch, args.dims, args.dim, device=args.device)
-    print(f"DEQFusion input_dims={args.dims} dim={args.dim} batch={args.batch} on {args.device} "
-          f"({torch.get_num_threads()} threads), after 10 Jacobian-regularised steps")
+    dims = list(args.dims)
+    report = {"machine": machine(), "cost": {}}
+    print(f"{report['machine']}")
+    regimes = {"given": dict(batch=args.batch, modalities=len(dims), dim=args.dim), "small": SMALL}
+    for name, shape in regimes.items():
+        r = f_cost(**shape, repeats=args.repeats, device=args.device)
+        report["cost"][name] = r
+        print(f"{name}: {fmt_cost(r)}", flush=True)
+    fusion, xs, head, labels = contractive_problem(args.batch, dims, args.dim, device=args.device)
+    print(f"\nsolves: DEQFusion input_dims={dims} dim={args.dim} batch={args.batch} on {args.device}, "
+          f"after 10 Jacobian-regularised steps")
+    report["solves"] = {}
     # (f_tol, b_tol): the defaults' speed end, and the pair that gave gradient error <= 1e-3 in benchmarks/
     for f_tol, b_tol in ((1e-3, 1e-3), (1e-4, 1e-4), (1e-6, 3e-4)):
         fusion.f_tol, fusion.b_tol = f_tol, b_tol
@@ -62,6 +156,12 @@ def main(args) -> int:
             bw.append(time.perf_counter() - t1)
             stats = out.stats
         f, b = statistics.median(fw), statistics.median(bw)
-        print(f"f_tol {f_tol:g} b_tol {b_tol:g}: forward {f:.3f}s backward {b:.3f}s (train step {f + b:.3f}s, backward/forward {b / f:.2f}); "
-              f"{stats}")
+        report["solves"][f"f_tol {f_tol:g} b_tol {b_tol:g}"] = dict(forward_s=f, backward_s=b, f_evals=stats.nstep,
+                                                                   b_evals=stats.backward.nstep)
+        print(f"f_tol {f_tol:g} b_tol {b_tol:g}: forward {f:.3f}s backward {b:.3f}s (train step {f + b:.3f}s, "
+              f"backward/forward {b / f:.2f}); {stats}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
     return 0

@@ -187,12 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="folder for the convergence and gate plots")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="time the solver and gradient at given shapes (see benchmarks/ for comparisons)")
+    p = sub.add_parser("bench", help="time f, its VJP, a training step (at given and small shapes) and the solves "
+                                     "(see benchmarks/ for comparisons)")
     p.add_argument("--batch", type=int, default=612)
     p.add_argument("--dims", type=int, nargs="+", default=[1000, 1000, 503])
     p.add_argument("--dim", type=int, default=500)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--json", metavar="PATH", help="also write the figures there as JSON")
     p.set_defaults(func=cmd_bench)
 
     from .compare import command as compare

@@ -24,30 +24,68 @@ flat state z [B, (N+1)*d]. :class:`~deqfusion_core.module.DEQFusion` adds the so
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["GroupNorm", "group_norm", "block", "ModalityBlock", "FuseBlock", "Injection", "BlockParams", "FusionMap",
+           "RowMap", "GateTrace", "BATCHED_MAX", "X_FUSE"]
+
 X_FUSE = ("weighted_sum", "linear")   # the ways to compute x_fuse (FusionMap's ``x_fuse``)
 
-__all__ = ["GroupNorm", "ModalityBlock", "FuseBlock", "Injection", "FusionMap", "RowMap", "GateTrace"]
+
+# At most this many [rows x dim] entries per modality, f runs the N modality blocks as batched [N, b, dim] ops
+# (one kernel launch each instead of N: per-op overhead dominates small f); above it, one matrix product per
+# modality (torch's CPU bmm is 1.7x slower than N mm at 612 x 500; measured, benchmarks/bench_core.py).
+BATCHED_MAX = 1 << 16
+
+
+_ONES: dict = {}
+
+
+def ones(n: int, like: torch.Tensor) -> torch.Tensor:
+    """A cached [n] tensor of ones of ``like``'s dtype and device (never written to)."""
+    key = (n, like.dtype, like.device)
+    t = _ONES.get(key)
+    if t is None:
+        t = _ONES[key] = torch.ones(n, dtype=like.dtype, device=like.device)
+    return t
+
+
+def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, out: torch.Tensor | None = None):
+    """GroupNorm of [..., C] over the last dim as a layer norm over [..., G, C/G] with a weight of ones (torch's
+    CPU layer norm without one is 2.2x slower, same result) and a per-channel affine (``weight``, ``bias``
+    broadcast against x; None: no affine). ``out``: write the result there (no autograd)."""
+    shape = x.shape
+    y = F.layer_norm(x.view(*shape[:-1], groups, -1), (shape[-1] // groups,), ones(shape[-1] // groups, x),
+                     eps=eps).view(shape)
+    if weight is None:
+        return y if out is None else out.copy_(y)
+    return torch.addcmul(bias, y, weight) if out is None else torch.addcmul(bias, y, weight, out=out)
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters and state_dict) that computes [B, C] inputs as a layer norm over
-    [B, G, C/G] and a per-channel affine: torch's group_norm kernel has no spatial extent to vectorise
-    over here and is 1.7x slower forward, 3x slower backward on CPU (measured at 612 x 500, 4 groups).
-    The layer norm gets a weight of ones: torch's CPU kernel without one is 2.2x slower (same result)."""
+    """nn.GroupNorm (same parameters and state_dict) that computes [B, C] inputs with :func:`group_norm`:
+    torch's group_norm kernel has no spatial extent to vectorise over here and is 1.7x slower forward, 3x
+    slower backward on CPU (measured at 612 x 500, 4 groups)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 2 and out is None:
             return super().forward(x)
-        b, c = x.shape
-        y = F.layer_norm(x.view(b, self.num_groups, c // self.num_groups), (c // self.num_groups,),
-                         x.new_ones(c // self.num_groups), eps=self.eps).view(b, c)
-        return torch.addcmul(self.bias, y, self.weight) if self.affine else y
+        return group_norm(x, self.num_groups, self.weight if self.affine else None, self.bias, self.eps, out)
+
+
+def block(z, x2, w1, b1, w2, g1, g2, g3, groups, eps, out=None):
+    """f_theta_i (Eq. 7-8) on z [..., b, d]: GN(ReLU(GN(ReLU(GN(z W1 + b1)) W2 + b2 + x) + z)) with ``x2`` = x + b2,
+    weights given transposed ([d, d] or stacked [N, d, d]: then every op runs on all N modalities at once) and
+    each GN's (weight, bias). In place where the producer's backward does not need its output; ``out``: write
+    the result there (no autograd)."""
+    mm = torch.addmm if z.dim() == 2 else torch.baddbmm
+    h = F.relu(group_norm(mm(b1, z, w1), groups, *g1, eps), inplace=True)
+    h = group_norm(mm(x2, h, w2), groups, *g2, eps).add_(z)
+    return group_norm(F.relu(h, inplace=True), groups, *g3, eps, out)
 
 
 class ModalityBlock(nn.Module):
@@ -58,11 +96,25 @@ class ModalityBlock(nn.Module):
         self.lin1, self.lin2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.gn1, self.gn2, self.gn3 = (GroupNorm(num_groups, dim) for _ in range(3))
 
+    def params(self) -> tuple:
+        """This block's parameters as :func:`block` takes them (w1, b1, w2, g1, g2, g3), read once."""
+        gns = tuple((gn.weight, gn.bias) for gn in (self.gn1, self.gn2, self.gn3))
+        return (self.lin1.weight.t(), self.lin1.bias, self.lin2.weight.t(), *gns)
+
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # in place where the producer's backward does not need its output: fewer [B, dim] buffers per f
-        out = F.relu(self.gn1(self.lin1(z)), inplace=True)
-        out = self.gn2(self.lin2(out).add_(x))
-        return self.gn3(F.relu(out.add_(z), inplace=True))
+        w1, b1, w2, *gns = self.params()
+        return block(z, x + self.lin2.bias, w1, b1, w2, *gns, self.gn1.num_groups, self.gn1.eps)
+
+
+def _total(zs, z=None, alpha=1):
+    """sum_i z_i over the modalities (a list of [b, d], or stacked [N, b, d]), plus ``alpha`` z if given."""
+    if isinstance(zs, torch.Tensor):
+        total = zs.sum(0)
+        return total if z is None else total.add_(z, alpha=alpha)
+    total = zs[0] + zs[1] if len(zs) > 1 else zs[0].clone()
+    for t in zs[2:]:
+        total += t
+    return total if z is None else total.add_(z, alpha=alpha)
 
 
 class FuseBlock(nn.Module):
@@ -78,47 +130,59 @@ class FuseBlock(nn.Module):
         self.fuse = nn.Linear(dim, dim)
         self.gn = GroupNorm(num_groups, dim)
 
-    def forward(self, z_fuse, zs, x_fuse, gate_mask=None, fuse_mask=None, gate_means=None, present=None):
-        """``present`` [b, N] bool or None: the sum runs over the present modalities, whose states ``zs`` are
-        the only nonzero ones (absent ones are zero), and N is their count per sample."""
+    def forward(self, z_fuse, zs, x_fuse, gate_mask=None, fuse_mask=None, gate_means=None, present=None,
+                x_fuse_biased=None, out=None):
+        """``zs``: the modality states, a list of [b, d] or stacked [N, b, d]. ``present`` [b, N] bool or None:
+        the sum runs over the present modalities, whose states are the only nonzero ones (absent ones are
+        zero), and N is their count per sample. ``x_fuse_biased``: x_fuse + the fuse Linear's bias, if the
+        caller has it (saves one addition). ``out``: write the result there (no autograd)."""
         if self.gate is None:                       # Table 6 ablation: z'_i = z_i
-            purified = sum(zs)
+            purified = _total(zs)
         elif present is None:
             n = len(zs)
-            gates = F.linear(n * z_fuse + sum(zs), self.gate.weight, n * self.gate.bias)
+            gates = torch.addmm(n * self.gate.bias, _total(zs, z_fuse, n), self.gate.weight.t())
         else:
             n = present.sum(1, keepdim=True).to(z_fuse.dtype)
-            gates = torch.addcmul(F.linear(n * z_fuse + sum(zs), self.gate.weight), n, self.gate.bias)
+            gates = torch.addcmul(F.linear(n * z_fuse + _total(zs), self.gate.weight), n, self.gate.bias)
         if self.gate is not None:
             if gate_mask is not None:
                 gates = gates * gate_mask
             purified = z_fuse * gates
             if gate_means is not None:              # per-sample mean alpha_i per modality [b, N], for Fig. 3
                 w, b = self.gate.weight.mean(0), self.gate.bias.mean()
-                means = torch.stack([(z_fuse + z) @ w + b for z in zs], 1).detach().float()
+                stacked = zs if isinstance(zs, torch.Tensor) else torch.stack(list(zs))
+                means = ((z_fuse + stacked) @ w + b).t().detach().float()
                 gate_means.append(means if present is None else means.masked_fill(~present, float("nan")))
-        out = self.fuse(purified)
-        if fuse_mask is not None:
-            out = out * fuse_mask
-        return self.gn(F.relu(out + x_fuse, inplace=True))
+        if fuse_mask is None:
+            if x_fuse_biased is None:
+                x_fuse_biased = x_fuse + self.fuse.bias
+            h = torch.addmm(x_fuse_biased, purified, self.fuse.weight.t())
+        else:
+            h = self.fuse(purified).mul_(fuse_mask).add_(x_fuse)
+        return self.gn(F.relu(h, inplace=True), out)
 
 
 class Injection:
     """The per-forward constants of f: projected inputs, x_fuse (Eq. 12), the dropout masks and the modality
-    mask ``present`` [B, N] bool (None: all present).
+    mask ``present`` [B, N] bool (None: all present); ``blocks``: f's modality-block parameters, read once per
+    forward (:meth:`FusionMap.inject`), and the per-row constants derived from them: ``x2`` (x_i + the second
+    Linear's bias, [N, B, d]) and ``x_fuse_biased`` (x_fuse + the fuse Linear's bias).
 
     Row-selectable (``select(rows)``), so that f can run on the samples a solver still iterates.
     """
 
     def __init__(self, xs: list[torch.Tensor], x_fuse: torch.Tensor, gate_mask: torch.Tensor | None = None,
-                 fuse_mask: torch.Tensor | None = None, present: torch.Tensor | None = None):
+                 fuse_mask: torch.Tensor | None = None, present: torch.Tensor | None = None, *,
+                 blocks=None, x2: torch.Tensor | None = None, x_fuse_biased: torch.Tensor | None = None):
         self.xs, self.x_fuse, self.gate_mask, self.fuse_mask = xs, x_fuse, gate_mask, fuse_mask
         self.present = present
+        self.blocks, self.x2, self.x_fuse_biased = blocks, x2, x_fuse_biased
 
     def select(self, rows: torch.Tensor) -> "Injection":
         pick = lambda t: None if t is None else t[rows]
         return Injection([x[rows] for x in self.xs], self.x_fuse[rows], pick(self.gate_mask), pick(self.fuse_mask),
-                         pick(self.present))
+                         pick(self.present), blocks=self.blocks, x2=None if self.x2 is None else self.x2[:, rows],
+                         x_fuse_biased=pick(self.x_fuse_biased))
 
     def state_mask(self, dim: int) -> torch.Tensor | None:
         """Which entries of the flat state [B, (N+1)*dim] take part (absent modalities' parts: False)."""
@@ -126,6 +190,16 @@ class Injection:
             return None
         keep = torch.cat([self.present, self.present.new_ones(self.present.shape[0], 1)], 1)
         return keep[:, :, None].expand(-1, -1, dim).reshape(keep.shape[0], -1)
+
+
+class BlockParams(NamedTuple):
+    """The N modality blocks' parameters, read once per forward: per modality (``each``, as
+    :func:`block` takes them) and stacked over modalities (``stacked``, [N, ...]), with the GroupNorm
+    constants."""
+    each: list
+    stacked: tuple
+    groups: int
+    eps: float
 
 
 class FusionMap(nn.Module):
@@ -189,19 +263,48 @@ class FusionMap(nn.Module):
         return (self.num_modalities + 1) * self.dim
 
     def inject(self, xs: Sequence[torch.Tensor], present: torch.Tensor | None = None) -> Injection:
-        """The constants of f for one forward: projected inputs, x_fuse (Eq. 12) and the dropout masks.
+        """The constants of f for one forward: projected inputs, x_fuse (Eq. 12), the dropout masks, and f's
+        block parameters read once (so that every application of f in this forward reads no parameter again).
 
         ``present`` [B, N] bool (checked by the caller; None: all present): absent inputs are replaced by zero
         before the projection and after it (see the module docstring for x_fuse)."""
         if present is None:
             xs = [p(x) for p, x in zip(self.proj, xs)]
             x_fuse = self._weighted(xs) + self.bias
-            return Injection(xs, x_fuse, *self._dropout_masks(x_fuse))
-        cols = present[:, :, None].unbind(1)
-        xs = [torch.where(c, p(torch.where(c, x, 0.0)), 0.0) for p, x, c in zip(self.proj, xs, cols)]
-        count = present.sum(1, keepdim=True).to(xs[0].dtype)
-        x_fuse = self._weighted(xs) * (self.num_modalities / count) + self.bias
-        return Injection(xs, x_fuse, *self._dropout_masks(x_fuse), present)
+        else:
+            cols = present[:, :, None].unbind(1)
+            xs = [torch.where(c, p(torch.where(c, x, 0.0)), 0.0) for p, x, c in zip(self.proj, xs, cols)]
+            count = present.sum(1, keepdim=True).to(xs[0].dtype)
+            x_fuse = self._weighted(xs) * (self.num_modalities / count) + self.bias
+        gate_mask, fuse_mask = self._dropout_masks(x_fuse)
+        blocks = x2 = x_fuse_biased = None
+        if self.blocks is not None:
+            blocks = self._block_params(x_fuse)
+            x2 = torch.stack(xs) + torch.stack([blk.lin2.bias for blk in self.blocks])[:, None]
+        if self.fusion is not None and fuse_mask is None:
+            x_fuse_biased = x_fuse + self.fusion.fuse.bias
+        return Injection(xs, x_fuse, gate_mask, fuse_mask, present, blocks=blocks, x2=x2,
+                         x_fuse_biased=x_fuse_biased)
+
+    def _block_params(self, ref: torch.Tensor) -> BlockParams:
+        each = [blk.params() for blk in self.blocks]
+        cat = lambda ts: None if ts[0] is None else torch.stack(ts)
+        w1, b1, w2 = (torch.stack([e[k] for e in each]) for k in range(3))
+        gns = tuple((cat([e[k][0] for e in each]), cat([e[k][1] for e in each])) for k in range(3, 6))
+        gns = tuple((None, None) if w is None else (w[:, None], b[:, None]) for w, b in gns)
+        gn = self.blocks[0].gn1
+        return BlockParams(each, (w1, b1[:, None], w2, *gns), gn.num_groups, gn.eps)
+
+    def modality_states(self, zs: torch.Tensor, inj: Injection, out: torch.Tensor | None = None):
+        """f_i(z_i; x_i) for every modality (Eq. 7-8) from the states ``zs`` [b, N, d]: stacked [N, b, d] (every
+        op on all modalities at once) when there are at most ``BATCHED_MAX`` entries per modality, else a list
+        of N [b, d] (one matrix product per modality). ``out`` [b, N, d]: written there (no autograd)."""
+        P = inj.blocks
+        if zs.shape[0] * zs.shape[2] <= BATCHED_MAX:
+            return block(zs.transpose(0, 1), inj.x2, *P.stacked, P.groups, P.eps,
+                         None if out is None else out.transpose(0, 1))
+        return [block(zs[:, i], inj.x2[i], *P.each[i], P.groups, P.eps, None if out is None else out[:, i])
+                for i in range(self.num_modalities)]
 
     def _weighted(self, xs):
         """sum_i w_i x_i (Eq. 12) or sum_i W_i x_i (``x_fuse="linear"``), without the bias."""
@@ -211,19 +314,31 @@ class FusionMap(nn.Module):
 
     def layer(self, z: torch.Tensor, inj: Injection, gate_means: list | None = None) -> torch.Tensor:
         """One application of f to the flat state z [b, (N+1)*dim]; ``gate_means`` collects the
-        per-sample mean gate per modality [b, N] (paper Fig. 3)."""
+        per-sample mean gate per modality [b, N] (paper Fig. 3). Without autograd (a solver's steps), the
+        parts of f(z) are written into one new state instead of being concatenated."""
         b, n, d = z.shape[0], self.num_modalities, self.dim
-        zs = z.view(b, n + 1, d).unbind(1)
+        zz = z.view(b, n + 1, d)
+        direct = self.blocks is not None and self.fusion is not None and inj.present is None \
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled(z.device.type)
+        out = torch.empty_like(zz) if direct else None
         if self.blocks is None:
             new = list(inj.xs)
         else:
-            new = [blk(zi, xi) for blk, zi, xi in zip(self.blocks, zs[:n], inj.xs)]
+            new = self.modality_states(zz[:, :n], inj, None if out is None else out[:, :n])
             if inj.present is not None:   # an absent modality's f_i is the constant 0
-                new = [torch.where(c, v, 0.0) for v, c in zip(new, inj.present[:, :, None].unbind(1))]
+                if isinstance(new, torch.Tensor):
+                    new = torch.where(inj.present.t()[:, :, None], new, 0.0)
+                else:
+                    new = [torch.where(c, v, 0.0) for v, c in zip(new, inj.present[:, :, None].unbind(1))]
         if self.fusion is None:
-            z_fuse = sum(new)
+            z_fuse = _total(new)
         else:
-            z_fuse = self.fusion(zs[n], new, inj.x_fuse, inj.gate_mask, inj.fuse_mask, gate_means, inj.present)
+            z_fuse = self.fusion(zz[:, n], new, inj.x_fuse, inj.gate_mask, inj.fuse_mask, gate_means, inj.present,
+                                 inj.x_fuse_biased, None if out is None else out[:, n])
+        if out is not None:
+            return out.view(b, -1)
+        if isinstance(new, torch.Tensor):
+            return torch.cat([new.transpose(0, 1), z_fuse[:, None]], 1).view(b, -1).to(z.dtype)
         return torch.stack([*new, z_fuse], 1).view(b, -1).to(z.dtype)
 
     def fused(self, z: torch.Tensor) -> torch.Tensor:

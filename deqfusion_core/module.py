@@ -3,6 +3,7 @@ solved jointly from zero (Eq. 14-17) by a root solver (``solvers.py``) and diffe
 backward mode (``gradients.py``)."""
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple, Sequence
 
 import torch
@@ -21,6 +22,10 @@ __all__ = ["DEQFusion", "DEQFusionOutput"]
 # and at least EVAL_MAX_ITER in evaluation, relative tolerance 1e-2 (the paper's Fig. 4 reads convergence at 1e-2),
 # the implicit backward truncated at 10 steps / 1e-3 (solved tighter, it let the spectral radius of df/dz grow past 1).
 EVAL_MAX_ITER = 100
+
+# torch.compile modes for ``compile_f``; the compiled f of each module, kept beside it (not copied or saved with it)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 # DEQFusion's argument names for the fields of its two solve configs (error messages name them)
 FORWARD_ARGS = dict(solver="solver", max_iter="f_max_iter", tol="f_tol", stop="f_stop", options="solver_options")
@@ -105,6 +110,11 @@ class DEQFusion(FusionMap):
             ``correction.correction_loss(loss_fn, [*out.stats.iterates, out.fused])`` (weights gamma^(K-k),
             the final output 1). Costs one f application per kept iterate; eval forwards keep none.
 
+        compile_f: None (default) or a ``torch.compile`` mode (``default``, ``reduce-overhead``: CUDA graphs,
+            ``max-autotune``...): f as the solvers and the implicit backward apply it is compiled (``loop_layer``), so
+            are its VJPs. For CUDA graphs give the solvers fixed shapes: ``solver_options`` / ``b_solver_options``
+            ``{"compact": False, "check_every": k}``. Ours (issue 14), not the paper's.
+
         modality_dropout: in training, each modality of each sample is dropped (marked absent, as by ``present``)
             with probability p in [0, 1), on top of any given mask; a sample whose draw would drop all its present
             modalities keeps one of them, chosen uniformly. No effect in eval. Ours (issue 13), not the paper's.
@@ -144,7 +154,8 @@ class DEQFusion(FusionMap):
                  extrapolate_warm_start: bool = True, f_max_iter_eval: int | None = None,
                  spectral_radius_iters: int = 0, jac_schedule: str = "constant",
                  jac_weight_final: float | None = None, jac_schedule_steps: int = 0, norm: str | None = None,
-                 norm_options: dict | None = None, correction_steps: int = 0, modality_dropout: float = 0.0):
+                 norm_options: dict | None = None, correction_steps: int = 0, modality_dropout: float = 0.0,
+                 compile_f: str | None = None):
         super().__init__(input_dims, dim, num_groups=num_groups, dropout=dropout, modality_blocks=modality_blocks,
                          fuse_block=fuse_block, gating=gating, x_fuse=x_fuse)
         norm = None if norm == "none" else norm      # "none": no norm, where None means "not given" (-o norm=none)
@@ -191,6 +202,9 @@ class DEQFusion(FusionMap):
                 or not 0 <= modality_dropout < 1:
             raise ValueError(f"modality_dropout: must be a number in [0, 1), got {modality_dropout!r}")
         self.modality_dropout = float(modality_dropout)
+        if compile_f is not None and compile_f not in COMPILE_MODES:
+            raise ValueError(f"compile_f: expected None or one of {COMPILE_MODES} (torch.compile modes), got {compile_f!r}")
+        self.compile_f = compile_f
         if not 0 < phantom_damping <= 1:
             raise ValueError(f"phantom_damping: must be in (0, 1], got {phantom_damping!r}")
         self.equilibrium, self.num_layers = equilibrium, num_layers
@@ -250,9 +264,28 @@ class DEQFusion(FusionMap):
             if self.track_gates else None
         keep = self.correction_steps if self.training and torch.is_grad_enabled() else 0
         with torch.no_grad():
-            res = self.active_solve.run(RowMap(self.layer, inj, gates), z0, keep)
+            res = self.active_solve.run(RowMap(self.loop_layer(), inj, gates), z0, keep)
         res.gates = [] if gates is None else gates.means
         return res
+
+    def loop_layer(self):
+        """f as the solvers and the implicit backward apply it: ``layer``, or with ``compile_f`` its torch.compile'd
+        version (compiled once per module; its autograd graph, and so every VJP of the backward solve, is
+        compiled too). Under CUDA graphs (``reduce-overhead``) each call marks a new step and returns a copy of
+        the graph's output, which the next replay overwrites."""
+        if self.compile_f is None:
+            return self.layer
+        compiled = _COMPILED.get(self)
+        if compiled is None:
+            fn = torch.compile(self.layer, mode=self.compile_f)
+            if self.compile_f == "reduce-overhead":
+                def compiled(z, inj, gate_means=None, fn=fn):
+                    torch.compiler.cudagraph_mark_step_begin()
+                    return fn(z, inj, gate_means).clone()
+            else:
+                compiled = fn
+            _COMPILED[self] = compiled
+        return compiled
 
     def jac_weight_at(self, start: float) -> float:
         """The scheduled Jacobian weight of the latest training forward (before any: of the first), starting

@@ -9,7 +9,11 @@ and ``z0`` is ``[B, L]``. Per-sample behaviour:
   (the solver's working set is compacted to the samples still running);
 - the returned iterate of each sample is the one with the lowest residual seen;
 - the only host synchronisation per step is the one the stopping test needs, and it also
-  detects non-finite residuals (:class:`DEQConvergenceError`).
+  detects non-finite residuals (:class:`DEQConvergenceError`); every solver takes ``check_every=k``
+  (default 1): the test (and so that sync) runs every k steps and at the cap; in between, every sample
+  iterates on and each still returns its best iterate (on a GPU, k > 1 keeps the host from waiting each step);
+  ``compact=False``: the working set is never compacted (fixed shapes, e.g. for CUDA graphs): stopped samples
+  iterate on until all have stopped, each returning its best iterate.
 
 Solvers are registered by name (``register_solver``) in the timm way; ``get_solver(name)``. A new solver
 builds on :class:`Tracker`, which owns the residuals, the stopping rule and the working set. A solve's
@@ -18,6 +22,7 @@ settings (solver, cap, tolerance, stopping rule, options) travel as one validate
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional
 
@@ -103,13 +108,18 @@ class Tracker:
     """
 
     def __init__(self, z0: torch.Tensor, tol: float, stop: str, max_iter: int, eps: float = 1e-8, *,
-                 autograd: bool = False, keep: int = 0):
+                 autograd: bool = False, keep: int = 0, check_every: int = 1, compact: bool = True):
+        if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
+            raise ValueError(f"check_every: must be an int >= 1, got {check_every!r}")
+        if not isinstance(compact, bool):
+            raise ValueError(f"compact: must be True or False, got {compact!r}")
         if stop not in ("rel", "abs"):
             raise ValueError(f"stop: expected 'rel' or 'abs', got {stop!r}")
         if max_iter < 1:
             raise ValueError(f"max_iter: must be >= 1, got {max_iter}")
         B = z0.shape[0]
         self.tol, self.stop, self.max_iter, self.eps, self.autograd = tol, stop, max_iter, eps, autograd
+        self.check_every, self.compact = check_every, compact
         self.best = None if autograd else z0.clone()
         inf = torch.full((B,), float("inf"), dtype=z0.dtype, device=z0.device)
         self.best_abs, self.best_rel = inf.clone(), inf.clone()
@@ -138,16 +148,20 @@ class Tracker:
             for _ in range(self.keep_at.count(self.nstep)):
                 self.iterates.append(x.detach().clone() if self.autograd else self.best.clone())
         self.trace.append(self.best_rel.max())
+        if self.nstep % self.check_every and self.nstep < self.max_iter:
+            return None   # the stopping test and its host sync run every check_every steps
         keep = ~(res <= self.tol)  # NaN never counts as converged
-        n_keep, n_bad = torch.stack([keep.sum(), (~torch.isfinite(res)).sum()]).tolist()  # the one sync
+        n_keep, total = torch.stack([keep.sum().to(res.dtype), res.sum()]).tolist()  # the one sync
+        n_keep = int(n_keep)
+        n_bad = 0 if math.isfinite(total) else int((~torch.isfinite(res)).sum())
         if n_bad:
             where = "the inputs or parameters contain NaN/Inf" if self.nstep == 1 else "the solver diverged"
             raise DEQConvergenceError(
-                f"non-finite residual in {int(n_bad)} sample(s) at solver step {self.nstep}: {where}")
+                f"non-finite residual in {n_bad} sample(s) at solver step {self.nstep}: {where}")
         if n_keep == 0 or self.nstep >= self.max_iter:
             self.done = True
             return None
-        if n_keep == keep.numel() or self.autograd:
+        if n_keep == keep.numel() or self.autograd or not self.compact:
             return None
         compact = _compaction(keep, n_keep)
         full = torch.arange(keep.numel(), device=keep.device) if rows is None else rows.clone()
@@ -201,9 +215,10 @@ def _compaction(keep: torch.Tensor, n_keep: int):
 
 @register_solver("fixed_point")
 def fixed_point(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3,
-                stop: str = "rel", damping: float = 1.0, keep: int = 0) -> SolveResult:
+                stop: str = "rel", damping: float = 1.0, keep: int = 0, check_every: int = 1,
+                compact: bool = True) -> SolveResult:
     """Plain (optionally damped) fixed-point iteration z <- (1 - damping) z + damping f(z)."""
-    t = Tracker(z0, tol, stop, max_iter, keep=keep)
+    t = Tracker(z0, tol, stop, max_iter, keep=keep, check_every=check_every, compact=compact)
     x = z0
     while True:
         fx = f(x, t.rows)
@@ -218,7 +233,7 @@ def fixed_point(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: 
 @register_solver("anderson")
 def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3, stop: str = "rel",
              m: int = 5, lam: float = 1e-4, beta: float = 1.0, stall: int = 0, stall_factor: float = 0.9,
-             stall_damping: float = 0.5, keep: int = 0) -> SolveResult:
+             stall_damping: float = 0.5, keep: int = 0, check_every: int = 1, compact: bool = True) -> SolveResult:
     """Anderson acceleration (type II) with history ``m``, Tikhonov regularisation ``lam`` (relative to the
     mean squared residual in the history) and mixing ``beta``.
 
@@ -234,12 +249,20 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
     """
     if m < 1:
         raise ValueError(f"m: Anderson history must be >= 1, got {m}")
-    t = Tracker(z0, tol, stop, max_iter, keep=keep)
+    t = Tracker(z0, tol, stop, max_iter, keep=keep, check_every=check_every, compact=compact)
     watch = Stagnation(z0, m, stall, stall_factor, stall_damping) if stall else None
     B, L = z0.shape
     F = z0.new_zeros(B, m, L)      # f(x) history
     G = z0.new_zeros(B, m, L)      # residual history
-    GG = z0.new_zeros(B, m, m)     # Gram matrix of the residuals
+    # the bordered system [[0, 1^T], [1, G G^T]] of every sample, kept across steps: a step writes one row and
+    # one column of the Gram matrix G G^T (H[:, 1:, 1:]); the border is written once
+    H = z0.new_zeros(B, m + 1, m + 1)
+    H[:, 0, 1:] = H[:, 1:, 0] = 1
+    GG = H[:, 1:, 1:]
+    ridge_at = torch.eye(m + 1, dtype=z0.dtype, device=z0.device)
+    ridge_at[0, 0] = 0                        # the ridge goes on the Gram block's diagonal only
+    y = torch.zeros(m + 1, 1, dtype=z0.dtype, device=z0.device)
+    y[0] = 1
     x = z0
     k = 0
     while True:
@@ -253,7 +276,8 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
         if watch is not None:
             watch.step(t.last_res, j)
         if compact is not None:
-            F, G, GG = compact(F), compact(G), compact(GG)
+            F, G, H = compact(F), compact(G), compact(H)
+            GG = H[:, 1:, 1:]
             if watch is not None:
                 watch.compact(compact)
         k += 1
@@ -266,17 +290,14 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
             if watch is not None:
                 x = watch.damp(x, F[:, j], G[:, j], t)
             continue
-        H = GG.new_zeros(GG.shape[0], n + 1, n + 1)
-        H[:, 0, 1:] = H[:, 1:, 0] = 1
-        H[:, 1:, 1:] = GG[:, :n, :n]
         # Regularise relative to the residuals' scale, so the mixing stays sharp as they shrink.
-        ridge = lam * GG[:, :n, :n].diagonal(dim1=1, dim2=2).mean(1, keepdim=True) + torch.finfo(GG.dtype).tiny
-        H[:, 1:, 1:].diagonal(dim1=1, dim2=2).add_(ridge)
+        ridge = GG[:, :n, :n].diagonal(dim1=1, dim2=2).mean(1, keepdim=True).mul_(lam).add_(torch.finfo(GG.dtype).tiny)
+        Hn = torch.addcmul(H[:, :n + 1, :n + 1], ridge[:, :, None], ridge_at[:n + 1, :n + 1])
         if watch is not None:
-            watch.mask(H, n)
-        y = GG.new_zeros(GG.shape[0], n + 1, 1)
-        y[:, 0] = 1
-        alpha = torch.linalg.solve(H, y)[:, 1:].transpose(1, 2)  # [b, 1, n], sums to 1
+            watch.mask(Hn, n)
+        # solve_ex: no check of the factorisation's status (that check is a host sync on a GPU); the ridge keeps
+        # Hn nonsingular
+        alpha = torch.linalg.solve_ex(Hn, y[:n + 1])[0][:, 1:].transpose(1, 2)  # [b, 1, n], sums to 1
         x = torch.bmm(alpha, F[:, :n])[:, 0]                     # beta * alpha F + (1 - beta) * alpha X,
         if beta != 1.0:                                          # with X = F - G
             x = x - (1 - beta) * torch.bmm(alpha, G[:, :n])[:, 0]
@@ -354,7 +375,7 @@ class Stagnation:
 
 @register_solver("broyden")
 def broyden(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: float = 1e-3, stop: str = "rel",
-            memory: int = 16, keep: int = 0) -> SolveResult:
+            memory: int = 16, keep: int = 0, check_every: int = 1, compact: bool = True) -> SolveResult:
     """Good Broyden's method on g(z) = f(z) - z, batched per sample, without line search.
 
     The inverse-Jacobian estimate -I + U V^T keeps at most ``memory`` rank-one updates and restarts
@@ -362,7 +383,7 @@ def broyden(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: floa
     """
     if memory < 1:
         raise ValueError(f"memory: must be >= 1, got {memory}")
-    t = Tracker(z0, tol, stop, max_iter, keep=keep)
+    t = Tracker(z0, tol, stop, max_iter, keep=keep, check_every=check_every, compact=compact)
     B, L = z0.shape
     UTs = z0.new_zeros(B, memory, L)   # U^T and V^T: products with them are row vector x [n, L] matrix
     VTs = z0.new_zeros(B, memory, L)   # (10x faster on CPU than [L, n] or [n, L] x column vector)
