@@ -1,5 +1,6 @@
 """DEQFusion inside DistributedDataParallel (two gloo processes on the CPU) gives the gradients of
-single-process training on the whole batch: no per-instance hooks or state break the replicas."""
+single-process training on the whole batch: no per-instance hooks or state break the replicas; with a
+per-sample modality mask (issue 13) too."""
 import datetime
 import os
 import socket
@@ -15,6 +16,9 @@ from conftest import make_contractive
 from deqfusion_core import DEQFusion
 
 DIMS = [6, 8, 5]
+# per sample of the batch of 8 (each rank gets 4): absent modalities, one sample per half with one modality only
+MASK = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 1, 0], [1, 0, 1], [1, 1, 1], [0, 1, 1], [1, 0, 0], [1, 1, 1]],
+                    dtype=torch.bool)
 
 
 def build():
@@ -30,7 +34,11 @@ def loss_fn(fused):
     return (fused.sin() * torch.arange(fused.shape[1])).sum(1).mean()
 
 
-def worker(rank, port, out):
+def forward(m, xs, half, masked):
+    return m([x[half] for x in xs], present=MASK[half] if masked else None)
+
+
+def worker(rank, port, out, masked):
     """One DDP replica. It leaves with os._exit, skipping teardown: torch 2.13's ProcessGroupGloo destructor
     (run when DDP's reducer is freed) can deadlock on the GIL with gloo's runloop thread (1 run in ~5 here)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -40,7 +48,7 @@ def worker(rank, port, out):
         ddp = torch.nn.parallel.DistributedDataParallel(m)
         torch.manual_seed(100 + rank)          # Hutchinson probes: the same on every run of this rank
         half = slice(rank * 4, rank * 4 + 4)
-        loss_fn(ddp([x[half] for x in xs]).fused).backward()
+        loss_fn(forward(ddp, xs, half, masked).fused).backward()
         if rank == 0:
             torch.save([p.grad for p in m.parameters()], out)
         dist.barrier()
@@ -59,9 +67,10 @@ def free_port():
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_ddp_gloo_matches_single_process(tmp_path):
+@pytest.mark.parametrize("masked", [False, True])
+def test_ddp_gloo_matches_single_process(tmp_path, masked):
     out = tmp_path / "grads.pt"
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(worker, args=(free_port(), str(out), masked), nprocs=2, join=True)
     ddp_grads = torch.load(out)
     # single process: the same two halves, same probes, gradients averaged as DDP does
     m, xs = build()
@@ -70,7 +79,7 @@ def test_ddp_gloo_matches_single_process(tmp_path):
         m.zero_grad()
         torch.manual_seed(100 + rank)
         half = slice(rank * 4, rank * 4 + 4)
-        loss_fn(m([x[half] for x in xs]).fused).backward()
+        loss_fn(forward(m, xs, half, masked).fused).backward()
         grads = [p.grad.clone() for p in m.parameters()]
         total = grads if total is None else [a + b for a, b in zip(total, grads)]
     for a, b in zip(ddp_grads, total):
