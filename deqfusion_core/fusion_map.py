@@ -278,16 +278,19 @@ class FusionMap(nn.Module):
         gn = self.blocks[0].gn1
         return BlockParams(each, (w1, b1[:, None], w2, *gns), gn.num_groups, gn.eps)
 
-    def modality_states(self, zs: torch.Tensor, inj: Injection, out: torch.Tensor | None = None):
-        """f_i(z_i; x_i) for every modality (Eq. 7-8) from the states ``zs`` [b, N, d]: stacked [N, b, d] (every
-        op on all modalities at once) when there are at most ``BATCHED_MAX`` entries per modality, else a list
-        of N [b, d] (one matrix product per modality). ``out`` [b, N, d]: written there (no autograd)."""
-        P = inj.blocks
-        if zs.shape[0] * zs.shape[2] <= BATCHED_MAX:
-            return block(zs.transpose(0, 1), inj.x2, *P.stacked, P.groups, P.eps,
+    def modality_states(self, zz: torch.Tensor, parts: Sequence[torch.Tensor], inj: Injection,
+                        out: torch.Tensor | None = None):
+        """f_i(z_i; x_i) for every modality (Eq. 7-8) from the state ``zz`` [b, N+1, d] (``parts``: its unbind):
+        stacked [N, b, d] (every op on all modalities at once) when there are at most ``BATCHED_MAX`` entries per
+        modality, else a list of N [b, d] (one matrix product per modality, on ``parts``: a slice or select per use
+        would fill a zero gradient of the whole state in the backward each time). ``out`` [b, N, d]: written there
+        (no autograd)."""
+        P, n = inj.blocks, self.num_modalities
+        if zz.shape[0] * zz.shape[2] <= BATCHED_MAX:
+            return block(zz[:, :n].transpose(0, 1), inj.x2, *P.stacked, P.groups, P.eps,
                          None if out is None else out.transpose(0, 1))
-        return [block(zs[:, i], inj.x2[i], *P.each[i], P.groups, P.eps, None if out is None else out[:, i])
-                for i in range(self.num_modalities)]
+        return [block(parts[i], inj.x2[i], *P.each[i], P.groups, P.eps, None if out is None else out[:, i])
+                for i in range(n)]
 
     def layer(self, z: torch.Tensor, inj: Injection, gate_means: list | None = None) -> torch.Tensor:
         """One application of f to the flat state z [b, (N+1)*dim]; ``gate_means`` collects the
@@ -295,13 +298,14 @@ class FusionMap(nn.Module):
         parts of f(z) are written into one new state instead of being concatenated."""
         b, n, d = z.shape[0], self.num_modalities, self.dim
         zz = z.view(b, n + 1, d)
+        parts = zz.unbind(1)
         direct = self.blocks is not None and self.fusion is not None and inj.present is None \
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled(z.device.type)
         out = torch.empty_like(zz) if direct else None
         if self.blocks is None:
             new = list(inj.xs)
         else:
-            new = self.modality_states(zz[:, :n], inj, None if out is None else out[:, :n])
+            new = self.modality_states(zz, parts, inj, None if out is None else out[:, :n])
             if inj.present is not None:   # an absent modality's f_i is the constant 0
                 if isinstance(new, torch.Tensor):
                     new = torch.where(inj.present.t()[:, :, None], new, 0.0)
@@ -310,7 +314,7 @@ class FusionMap(nn.Module):
         if self.fusion is None:
             z_fuse = _total(new)
         else:
-            z_fuse = self.fusion(zz[:, n], new, inj.x_fuse, inj.gate_mask, inj.fuse_mask, gate_means, inj.present,
+            z_fuse = self.fusion(parts[n], new, inj.x_fuse, inj.gate_mask, inj.fuse_mask, gate_means, inj.present,
                                  inj.x_fuse_biased, None if out is None else out[:, n])
         if out is not None:
             return out.view(b, -1)
