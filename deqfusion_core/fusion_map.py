@@ -35,7 +35,7 @@ __all__ = ["GroupNorm", "group_norm", "block", "ModalityBlock", "FuseBlock", "In
 
 # At most this many [rows x dim] entries per modality, f runs the N modality blocks as batched [N, b, dim] ops
 # (one kernel launch each instead of N: per-op overhead dominates small f); above it, one matrix product per
-# modality (torch's CPU bmm is 1.7x slower than N mm at 612 x 500; measured, benchmarks/bench_core.py).
+# modality (torch 2.13's CPU bmm took 1.7x the time of N mm at 612 x 500 x 500 on this project's 2-core machine).
 BATCHED_MAX = 1 << 16
 
 
@@ -69,8 +69,8 @@ class GroupNorm(nn.GroupNorm):
     slower backward on CPU (measured at 612 x 500, 4 groups)."""
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() != 2 and out is None:
-            return super().forward(x)
+        if x.dim() != 2:
+            return super().forward(x) if out is None else out.copy_(super().forward(x))
         return group_norm(x, self.num_groups, self.weight if self.affine else None, self.bias, self.eps, out)
 
 
@@ -262,14 +262,14 @@ class FusionMap(nn.Module):
         gate_mask, fuse_mask = self._dropout_masks(x_fuse)
         blocks = x2 = x_fuse_biased = None
         if self.blocks is not None:
-            blocks = self._block_params(x_fuse)
+            blocks = self._block_params()
             x2 = torch.stack(xs) + torch.stack([blk.lin2.bias for blk in self.blocks])[:, None]
         if self.fusion is not None and fuse_mask is None:
             x_fuse_biased = x_fuse + self.fusion.fuse.bias
         return Injection(xs, x_fuse, gate_mask, fuse_mask, present, blocks=blocks, x2=x2,
                          x_fuse_biased=x_fuse_biased)
 
-    def _block_params(self, ref: torch.Tensor) -> BlockParams:
+    def _block_params(self) -> BlockParams:
         each = [blk.params() for blk in self.blocks]
         cat = lambda ts: None if ts[0] is None else torch.stack(ts)
         w1, b1, w2 = (torch.stack([e[k] for e in each]) for k in range(3))
@@ -300,7 +300,8 @@ class FusionMap(nn.Module):
         zz = z.view(b, n + 1, d)
         parts = zz.unbind(1)
         direct = self.blocks is not None and self.fusion is not None and inj.present is None \
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled(z.device.type)
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled(z.device.type) \
+            and z.dtype == inj.x_fuse.dtype
         out = torch.empty_like(zz) if direct else None
         if self.blocks is None:
             new = list(inj.xs)
