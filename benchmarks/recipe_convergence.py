@@ -15,7 +15,12 @@ or ../shared/upstreams/mcan-vqa), ``cmbert`` (run_classifier's main, one run: CM
 ``multibench-rosmap`` and ``multibench-mmimdb`` (our MultiBench runner, MultiBench's own train(): ROSMAP from
 ../shared/data/rosmap, MM-IMDB generated in its HDF5 layout). Each runs with the integration's defaults as
 shipped; ``--escalate``: while a run stays under 95% (training, last quarter, or evaluation), again with
-``jac_term=diagonal``, then with ``norm=contractive`` too. Appends to ``runs.jsonl`` and rewrites
+``jac_term=diagonal``, then with ``norm=contractive`` too. ``--set KEY=VALUE`` (repeatable): run once with these
+fusion options over the integration's defaults (instead of the ladder). ``--diagnose``: after every evaluation
+solve, on its batch (no gradient, its own random generator, so training is unchanged): the spectral radius of
+df/dz at the solved state per sample (``contraction.spectral_radius``, 30 power iterations) and the residual
+after re-solving from zero with a cap of 400 (do more steps help?). Every run also records the options of the
+DEQFusion as built (norm, Jacobian term, caps), whoever set them. Appends to ``runs.jsonl`` and rewrites
 ``summary.md`` from every run in it (default folder benchmarks/results/recipe_convergence/).
 """
 from __future__ import annotations
@@ -29,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from deqfusion_core.options import parse_fusion_option
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -100,11 +107,75 @@ COMMAND_OPTIONS = {"mcan": {"jac_weight": 0.1}}
 
 
 # -- the worker: one training run in its own process ---------------------------------------------------------------
+BUILT = ("norm", "norm_options", "jac_term", "f_max_iter", "f_max_iter_eval", "backward", "b_max_iter")
+DIAGNOSE_CAP, DIAGNOSE_ITERS = 400, 30
+
+
+class FusionProbe:
+    """A global forward hook on every DEQFusion: its options as built (:data:`BUILT`) and, with ``diagnose``,
+    after each evaluation solve the spectral radius at the solved state and a re-solve with a cap of
+    :data:`DIAGNOSE_CAP` (no gradient; a generator of its own, so the run's random stream is unchanged)."""
+
+    def __init__(self, diagnose: bool):
+        self.diagnose, self.built, self.diagnosis, self.train_solves = diagnose, None, [], 0
+        self._handle = None
+
+    def __enter__(self):
+        import torch
+
+        self._handle = torch.nn.modules.module.register_module_forward_hook(self.hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+    def hook(self, module, args, kwargs, output):
+        from deqfusion_core import DEQFusion
+
+        if not isinstance(module, DEQFusion):
+            return
+        if self.built is None:
+            self.built = {k: getattr(module, k) for k in BUILT}
+        if module.training:
+            self.train_solves += 1
+        elif self.diagnose and module.equilibrium:
+            self.diagnosis.append(self.measure(module, args[0], kwargs.get("present"), output[2]))
+
+    def measure(self, module, xs, present, stats) -> dict:
+        import torch
+
+        from deqfusion_core.contraction import spectral_radius
+        from deqfusion_core.norms import normalised_once
+
+        tol = stats.tol
+        with torch.no_grad(), normalised_once(module):
+            xs, present = module._check_inputs(xs, present)
+            inj = module.inject(xs, present)
+            rho = spectral_radius(module.layer, stats.state, inj, DIAGNOSE_ITERS,
+                                  generator=torch.Generator(stats.state.device).manual_seed(0))
+            cap, module.f_max_iter_eval = module.f_max_iter_eval, DIAGNOSE_CAP
+            try:
+                longer = module.solve(torch.zeros_like(stats.state), inj).rel_residuals
+            finally:
+                module.f_max_iter_eval = cap
+        frac = lambda r: float((r <= tol).float().mean())
+        norms = torch.stack([x.flatten(1).norm(dim=1) for x in inj.xs], 1)      # [B, N]: the injection's scale
+        worst = int(rho.argmax())
+        return {"after_train_solves": self.train_solves, "batch": int(rho.numel()), "converged": bool(stats.converged),
+                "samples_converged": frac(stats.rel_residuals), "max_rel_residual": float(stats.rel_residuals.max()),
+                f"samples_converged_cap{DIAGNOSE_CAP}": frac(longer), f"max_rel_residual_cap{DIAGNOSE_CAP}":
+                float(longer.max()), "rho_median": float(rho.median()), "rho_max": float(rho.max()),
+                "rho_ge1_fraction": float((rho >= 1).float().mean()),
+                "input_norm_median": norms.median(0).values.tolist(), "input_norm_at_rho_max": norms[worst].tolist(),
+                "rel_residual_at_rho_max": float(stats.rel_residuals[worst])}
+
+
 def worker(job_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     import torch
 
     torch.set_num_threads(job["threads"])
+    seed_everything(job["seed"])
     from deqfusion_core import plugins
     from deqfusion_core.compare.record import SolverRecorder
 
@@ -112,27 +183,43 @@ def worker(job_path: str) -> int:
     upstream = integ.locate(job["root"])
     integ.apply(upstream, job["options"])
     resolved = {k: v for k, v in dict(integ.options).items() if k not in LOCATION_KEYS}
+    probe = FusionProbe(job.get("diagnose", False))
     start = time.perf_counter()
-    with SolverRecorder() as recorder:
+    with SolverRecorder() as recorder, probe:
         if hasattr(integ, "run_once"):          # CM-BERT: one run of run_classifier's main (its launcher runs 5)
             integ.run_once(upstream, job["argv"])
             code = 0
         else:
             code = integ.launch(upstream, job["argv"])
-    result = {"exit": code, "solver": recorder.summary(), "options": resolved,
+    result = {"exit": code, "solver": recorder.summary(), "options": resolved, "built": probe.built,
+              "diagnosis": probe.diagnosis if probe.diagnose else None,
               "train_s": round(time.perf_counter() - start, 1)}
     Path(job["result"]).write_text(json.dumps(result, default=repr))
     return 0
 
 
-def run(name: str, overrides: dict, epochs: int, threads: int, out: Path, command: str) -> dict:
+def seed_everything(seed: int) -> None:
+    """The process's global generators (random, numpy, torch), before the upstream runs: CM-BERT's
+    run_classifier draws its own seed from the unseeded numpy generator, so without this no two runs match."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(name: str, overrides: dict, epochs: int, threads: int, out: Path, command: str,
+        diagnose: bool = False, seed: int = 1) -> dict:
     recipe, _ = RECIPES[name]
     with tempfile.TemporaryDirectory(prefix=f"conv-{name}-") as tmp:
         tmp = Path(tmp)
         root, argv, location, data_note = recipe(tmp, epochs)
         job = {"integration": INTEGRATION[name], "root": str(root), "argv": argv, "threads": threads,
                "options": {**location, **COMMAND_OPTIONS.get(name, {}), **overrides},
-               "result": str(tmp / "result.json")}
+               "result": str(tmp / "result.json"), "diagnose": diagnose, "seed": seed}
         (tmp / "job.json").write_text(json.dumps(job))
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads),
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -150,17 +237,19 @@ def run(name: str, overrides: dict, epochs: int, threads: int, out: Path, comman
     import torch
 
     return {"study": "recipe_convergence", "integration": INTEGRATION[name], "recipe": name,
-            "arm": "deq", "seed": 1, "overrides": {**COMMAND_OPTIONS.get(name, {}), **overrides}, "settings": result["options"], "epochs": epochs,
+            "arm": "deq", "seed": seed, "seeded": True, "overrides": {**COMMAND_OPTIONS.get(name, {}), **overrides}, "settings": result["options"], "epochs": epochs,
             "data": data_note, "upstream_argv": [a.replace(str(tmp), "$TMP") for a in argv],
             "upstream_exit": result["exit"], "command": command, "commit": commit(), "selected_by": "final",
-            "val": None, "test": None, "solver": result["solver"], "wall_s": wall, "train_s": result["train_s"],
+            "val": None, "test": None, "solver": result["solver"], "built": result["built"],
+            "diagnosis": result["diagnosis"], "wall_s": wall, "train_s": result["train_s"],
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} torch thread(s)"}
 
 
 def commit() -> str:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    # this study's own result files do not count (each run rewrites them)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            f":!{OUT.relative_to(ROOT)}"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return sha + ("+dirty" if dirty else "")
 
 
@@ -179,22 +268,47 @@ def write_summary(out: Path) -> None:
              "A convergence study, not an accuracy one: short trainings with the real upstream training loops on",
              "generated or shipped data (the `data` field of each run); their accuracies mean nothing and are not",
              f"recorded. A solve converged when every sample of its batch reached the tolerance; target >= "
-             f"{TARGET:.0%} in training (last quarter of the solves) and in evaluation. One seed each; every run "
-             "of runs.jsonl, oldest first.", "",
-             "| recipe | settings over the integration's defaults | resolved fusion options | epochs | train converged "
-             "(last quarter) | eval converged | mean steps train / eval | max eval rel residual | tol / cap (last solve) | "
-             "solves train / eval | wall | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{TARGET:.0%} in training (last quarter of the solves) and in evaluation. Every run of runs.jsonl, "
+             "oldest first. `seed`: of the process's generators (random, numpy, torch) before the upstream starts; "
+             "`-`: a run from before the script seeded them (CM-BERT's run_classifier then drew a random seed of "
+             "its own, so those CM-BERT runs cannot be repeated; the MultiBench runner and MCAN seed themselves, "
+             "`--seed 0` and `--SEED=1`).", "",
+             "| recipe | seed | settings over the integration's defaults | resolved fusion options | DEQFusion as built | epochs "
+             "| train converged (last quarter) | eval converged | mean steps train / eval | max eval rel residual | "
+             "tol / cap (last solve) | solves train / eval | wall | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         s = r["solver"] or {}
         opts = ", ".join(f"{k}={v}" for k, v in sorted(r["settings"].items()))
         over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(as shipped)"
         steps = "/".join("-" if s.get(k) is None else f"{s[k]:.1f}" for k in ("mean_steps", "mean_steps_eval"))
         res = "-" if s.get("max_rel_residual_eval") is None else f"{s['max_rel_residual_eval']:.1e}"
-        lines.append(f"| {r['recipe']} | {over} | {opts} | {r['epochs']} | "
+        built = r.get("built")
+        built = "-" if not built else ", ".join(f"{k}={built[k]}" for k in ("norm", "jac_term", "f_max_iter",
+                                                                            "f_max_iter_eval") if k in built)
+        lines.append(f"| {r['recipe']} | {r['seed'] if r.get('seeded') else '-'} | {over} | {opts} | {built} | {r['epochs']} | "
                      f"{pct(s.get('train_converged_fraction_last_quarter'))} | {pct(s.get('eval_converged_fraction'))} "
                      f"| {steps} | {res} | {s.get('tol')} / {s.get('max_iter')} | {s.get('train_solves')} / "
                      f"{s.get('eval_solves')} | {r['wall_s']:.0f} s | {r['commit'][:10]}{'+dirty' * r['commit'].endswith('+dirty')} |")
+    diagnosed = [(i, r) for i, r in enumerate(records, 1) if r.get("diagnosis")]
+    if diagnosed:
+        lines += ["", f"Diagnosis of the evaluation solves (`--diagnose`): after each, on its batch, the spectral radius "
+                  f"rho of df/dz at the solved state per sample ({DIAGNOSE_ITERS} power iterations) and a re-solve "
+                  f"from zero with a cap of {DIAGNOSE_CAP}. Per run: its first and its last evaluation solve, and "
+                  "over all of them.", "",
+                  "| run (row above) | recipe | settings | eval solves | first: rho median / max, samples converged "
+                  f"at the cap / at {DIAGNOSE_CAP} | last: the same | all: solves converged at the cap / at "
+                  f"{DIAGNOSE_CAP}, samples at rho >= 1, rho max |", "|---|---|---|---|---|---|---|"]
+        for i, r in diagnosed:
+            d = r["diagnosis"]
+            one = lambda x: (f"{x['rho_median']:.2f} / {x['rho_max']:.2f}, {pct(x['samples_converged'])} / "
+                             f"{pct(x[f'samples_converged_cap{DIAGNOSE_CAP}'])}")
+            longer = sum(x[f"max_rel_residual_cap{DIAGNOSE_CAP}"] <= r["solver"]["tol"] for x in d) / len(d)
+            ge1 = sum(x["rho_ge1_fraction"] * x["batch"] for x in d) / sum(x["batch"] for x in d)
+            over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(as shipped)"
+            lines.append(f"| {i} | {r['recipe']} | {over} | {len(d)} | {one(d[0])} | {one(d[-1])} | "
+                         f"{pct(sum(x['converged'] for x in d) / len(d))} / {pct(longer)}, {100 * ge1:.2f}%, "
+                         f"{max(x['rho_max'] for x in d):.2f} |")
     lines += ["", "Data and commands:", ""]
     seen = set()
     for r in records:
@@ -205,7 +319,9 @@ def write_summary(out: Path) -> None:
     lines += ["", "Evaluation solves are every solve in eval mode: the upstream's validation after each epoch (and, for",
               "CM-BERT, its dev and test runs), so they include early, barely trained models. `+dirty`: the run's",
               "working tree had uncommitted changes (this script and the test generators it imports, before their",
-              "commit). Wall times are on a shared machine (load ~7 on 2 cores).",
+              "commit; for the runs of commit 26a0d45 after its first, only this folder's runs.jsonl and summary.md,",
+              "which the check counted until the next commit). Wall times are on a shared machine (load 2-7 on 2",
+              "cores).",
               "", f"Machine: {records[-1]['machine']}." if records else ""]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
@@ -231,6 +347,10 @@ def study_args(p: argparse.ArgumentParser, argv, known, kind: str) -> argparse.N
 def main(argv=None) -> int:
     p = study_parser(__doc__, RECIPES, "recipe", OUT)
     p.add_argument("--escalate", action="store_true", help="under 95%%: jac_term=diagonal, then norm=contractive")
+    p.add_argument("--set", action="append", type=parse_fusion_option, default=[], metavar="KEY=VALUE",
+                   help="run once with these fusion options over the integration's defaults (repeatable)")
+    p.add_argument("--seeds", default="1", help="comma-separated seeds of the process's generators (default 1)")
+    p.add_argument("--diagnose", action="store_true", help="rho and a longer re-solve after each evaluation solve")
     p.add_argument("--epochs", type=int, help="override each recipe's epochs")
     p.add_argument("--threads", type=int, default=2)
     a = study_args(p, argv, RECIPES, "recipe")
@@ -239,14 +359,20 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / ".gitignore").write_text("work/\n")
     command = shlex.join(["python", "benchmarks/recipe_convergence.py", *(argv if argv is not None else sys.argv[1:])])
-    for name in a.names:
-        for overrides in (LADDER if a.escalate else LADDER[:1]):
-            record = run(name, overrides, a.epochs or RECIPES[name][1], a.threads, a.out, command)
+    if a.set and a.escalate:
+        p.error("--set and --escalate: one or the other")
+    try:
+        seeds = [int(x) for x in a.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds: comma-separated ints, got {a.seeds!r}")
+    for name, seed in ((n, s) for n in a.names for s in seeds):
+        for overrides in ([dict(a.set)] if a.set else LADDER if a.escalate else LADDER[:1]):
+            record = run(name, overrides, a.epochs or RECIPES[name][1], a.threads, a.out, command, a.diagnose, seed)
             with open(a.out / "runs.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             write_summary(a.out)
             s = record["solver"] or {}
-            print(f"{name} {overrides or '(as shipped)'}: train converged (last quarter) "
+            print(f"{name} seed {seed} {overrides or '(as shipped)'}: train converged (last quarter) "
                   f"{pct(s.get('train_converged_fraction_last_quarter'))}, eval {pct(s.get('eval_converged_fraction'))}, "
                   f"mean steps {s.get('mean_steps')}/{s.get('mean_steps_eval')}, {record['wall_s']:.0f} s", flush=True)
             if converged(record):

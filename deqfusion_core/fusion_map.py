@@ -7,6 +7,7 @@ is the fixed point of f = (f_1, ..., f_N, f_fuse):
     alpha_i           = W_a (z_fuse + f_i) + b_a                                     Eq. 9
     f_fuse(z; x)      = GN(ReLU(W_f sum_i alpha_i * z_fuse + x_fuse))                Eq. 10-11
     x_fuse            = sum_i w_i x_i + b                                            Eq. 12
+                        (x_fuse="linear", ours: sum_i W_i x_i + b, a matrix per modality)
 
 Missing modalities (ours; issue 13): ``inject(xs, present)`` takes a boolean mask [B, N]. For a sample, an
 absent modality i takes no part: its input is replaced by zero before anything reads it (``torch.where``, so
@@ -28,6 +29,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+X_FUSE = ("weighted_sum", "linear")   # the ways to compute x_fuse (FusionMap's ``x_fuse``)
 
 __all__ = ["GroupNorm", "group_norm", "block", "ModalityBlock", "FuseBlock", "Injection", "BlockParams", "FusionMap",
            "RowMap", "GateTrace", "BATCHED_MAX"]
@@ -210,10 +213,17 @@ class FusionMap(nn.Module):
             fixed over solver steps so that the fixed point is well defined).
         modality_blocks, fuse_block, gating: the paper's ablations (Tables 5-7): ``modality_blocks=False``:
             z_i = x_i; ``fuse_block=False``: z_fuse = sum_i z_i; ``gating=False``: z'_i = z_i.
+        x_fuse: how the injected fused feature is computed. ``"weighted_sum"`` (Eq. 12, the paper's): a learned
+            scalar w_i per modality. ``"linear"`` (ours): sum_i W_i x_i + b with a [dim, dim] matrix per modality,
+            so that x_fuse alone is a learned linear fusion (the paper leaves this open: "our approach is
+            flexible on the ways to compute the injected fused feature", section 2.2). With a weighted sum of
+            non-negative features (encoders ending in ReLU), ReLU(x_fuse) is linear in them; see
+            docs/convergence.md.
     """
 
     def __init__(self, input_dims: Sequence[int], dim: int | None = None, *, num_groups: int = 4,
-                 dropout: float = 0.0, modality_blocks: bool = True, fuse_block: bool = True, gating: bool = True):
+                 dropout: float = 0.0, modality_blocks: bool = True, fuse_block: bool = True, gating: bool = True,
+                 x_fuse: str = "weighted_sum"):
         super().__init__()
         if isinstance(input_dims, int) or not all(isinstance(d, int) and d > 0 for d in input_dims):
             raise TypeError(f"input_dims: expected a sequence of positive ints, got {input_dims!r}")
@@ -230,6 +240,8 @@ class FusionMap(nn.Module):
             raise ValueError(f"num_groups: must be a positive divisor of dim={dim}, got {num_groups!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {dropout!r}")
+        if x_fuse not in X_FUSE:
+            raise ValueError(f"x_fuse: one of {', '.join(map(repr, X_FUSE))}, got {x_fuse!r}")
         self.input_dims, self.dim, self.num_modalities = input_dims, dim, len(input_dims)
         self.num_groups, self.dropout = num_groups, dropout
         self.modality_blocks, self.fuse_block, self.gating = modality_blocks, fuse_block, gating
@@ -237,8 +249,13 @@ class FusionMap(nn.Module):
         self.proj = nn.ModuleList(nn.Identity() if d == dim else nn.Linear(d, dim) for d in input_dims)
         self.blocks = nn.ModuleList(ModalityBlock(dim, num_groups) for _ in input_dims) if modality_blocks else None
         self.fusion = FuseBlock(dim, num_groups, gating) if fuse_block else None
-        self.weights = nn.Parameter(torch.ones(len(input_dims)))   # w_i of x_fuse (Eq. 12)
-        self.bias = nn.Parameter(torch.zeros(1))
+        self.x_fuse = x_fuse
+        if x_fuse == "weighted_sum":
+            self.weights = nn.Parameter(torch.ones(len(input_dims)))   # w_i of x_fuse (Eq. 12)
+            self.bias = nn.Parameter(torch.zeros(1))
+        else:                                                          # W_i of x_fuse = sum_i W_i x_i + b
+            self.fuse_in = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in input_dims)
+            self.bias = nn.Parameter(torch.zeros(dim))
 
     @property
     def state_width(self) -> int:
@@ -253,12 +270,12 @@ class FusionMap(nn.Module):
         before the projection and after it (see the module docstring for x_fuse)."""
         if present is None:
             xs = [p(x) for p, x in zip(self.proj, xs)]
-            x_fuse = sum(w * x for w, x in zip(self.weights, xs)) + self.bias
+            x_fuse = self._weighted(xs) + self.bias
         else:
             cols = present[:, :, None].unbind(1)
             xs = [torch.where(c, p(torch.where(c, x, 0.0)), 0.0) for p, x, c in zip(self.proj, xs, cols)]
             count = present.sum(1, keepdim=True).to(xs[0].dtype)
-            x_fuse = sum(w * x for w, x in zip(self.weights, xs)) * (self.num_modalities / count) + self.bias
+            x_fuse = self._weighted(xs) * (self.num_modalities / count) + self.bias
         gate_mask, fuse_mask = self._dropout_masks(x_fuse)
         blocks = x2 = x_fuse_biased = None
         if self.blocks is not None:
@@ -291,6 +308,12 @@ class FusionMap(nn.Module):
                          None if out is None else out.transpose(0, 1))
         return [block(parts[i], inj.x2[i], *P.each[i], P.groups, P.eps, None if out is None else out[:, i])
                 for i in range(n)]
+
+    def _weighted(self, xs):
+        """sum_i w_i x_i (Eq. 12) or sum_i W_i x_i (``x_fuse="linear"``), without the bias."""
+        if self.x_fuse == "weighted_sum":
+            return sum(w * x for w, x in zip(self.weights, xs))
+        return sum(lin(x) for lin, x in zip(self.fuse_in, xs))
 
     def layer(self, z: torch.Tensor, inj: Injection, gate_means: list | None = None) -> torch.Tensor:
         """One application of f to the flat state z [b, (N+1)*dim]; ``gate_means`` collects the

@@ -99,7 +99,8 @@ class DEQFusion(FusionMap):
             reached by plain iteration as they are and none stressed; ``contractive`` rho max 0.91, every sample
             reached (``max_gain=0.5``: max 1.11, one sample not).
             A measured property, not a proof: the bound acts relative to the injection's scale. Changes the
-            state_dict's names of the normalised parameters (torch's ``parametrizations.*.original``).
+            state_dict's names of the normalised parameters (``parametrizations.weight.original``, torch's names).
+            Held without torch parametrizations (``norms``), so a normed model pickles (``torch.save(model)``).
         correction_steps: fixed-point correction (Bai et al. 2022, "Deep Equilibrium Optical Flow
             Estimation"; TorchDEQ's ``fp_correction``); 0: off. In training, the forward solve keeps its best
             iterate so far z_k after each of ``correction_steps`` evenly spaced steps inside the cap
@@ -144,7 +145,7 @@ class DEQFusion(FusionMap):
 
     def __init__(self, input_dims: Sequence[int], dim: int | None = None, *, num_groups: int = 4,
                  dropout: float = 0.0, modality_blocks: bool = True, fuse_block: bool = True,
-                 gating: bool = True, equilibrium: bool = True, num_layers: int = 1,
+                 gating: bool = True, x_fuse: str = "weighted_sum", equilibrium: bool = True, num_layers: int = 1,
                  solver: str = "anderson", f_max_iter: int = 40, f_tol: float = 1e-2, f_stop: str = "rel",
                  solver_options: dict | None = None, backward: str = "implicit", b_solver: str | None = None,
                  b_max_iter: int = 10, b_tol: float = 1e-3, b_solver_options: dict | None = None,
@@ -156,7 +157,7 @@ class DEQFusion(FusionMap):
                  norm_options: dict | None = None, correction_steps: int = 0, modality_dropout: float = 0.0,
                  compile_f: str | None = None):
         super().__init__(input_dims, dim, num_groups=num_groups, dropout=dropout, modality_blocks=modality_blocks,
-                         fuse_block=fuse_block, gating=gating)
+                         fuse_block=fuse_block, gating=gating, x_fuse=x_fuse)
         norm = None if norm == "none" else norm      # "none": no norm, where None means "not given" (-o norm=none)
         apply_norm(self, norm, norm_options)
         self.norm, self.norm_options = norm, dict(norm_options or {})
@@ -222,7 +223,7 @@ class DEQFusion(FusionMap):
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, xs: Sequence[torch.Tensor | None], z0: torch.Tensor | None = None,
                 warm_start: SolverStats | None = None, present: torch.Tensor | None = None) -> DEQFusionOutput:
-        # with a norm, the parametrized weights are computed once per forward: the solve sees one fixed f
+        # with a norm, the normalised weights are computed once per forward: the solve sees one fixed f
         if self.norm is None:
             return self._forward(xs, z0, warm_start, present)
         with normalised_once(self):
@@ -332,7 +333,7 @@ class DEQFusion(FusionMap):
         return xs, self._drop_modalities(present, ref.shape[0])
 
     def _check_present(self, present, batch: int, missing: list[int]) -> torch.Tensor | None:
-        n, device = self.num_modalities, self.weights.device
+        n, device = self.num_modalities, self.bias.device
         if present is None and not missing:
             return None
         if present is None:
@@ -367,7 +368,7 @@ class DEQFusion(FusionMap):
         p = self.modality_dropout
         if not (self.training and p > 0):
             return present
-        ref = self.weights
+        ref = self.bias
         if present is None:
             present = torch.ones(batch, self.num_modalities, dtype=torch.bool, device=ref.device)
         kept = present & (torch.rand(present.shape, device=ref.device) >= p)
@@ -378,7 +379,7 @@ class DEQFusion(FusionMap):
     def _check_tensors(self, xs) -> torch.Tensor:
         """Check the given (not None) tensors; returns the first."""
         ref = None
-        param = self.weights
+        param = self.bias
         for i, (x, d) in enumerate(zip(xs, self.input_dims)):
             if x is None:
                 continue

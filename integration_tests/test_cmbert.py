@@ -102,7 +102,8 @@ def test_pretrained_folder_loads_into_transformers_bert(cmbert, workspace):
     gamma = workspace["state"]["bert.embeddings.LayerNorm.gamma"]
     assert torch.equal(model.bert.embeddings.LayerNorm.weight.detach(), gamma)     # gamma -> weight
     assert isinstance(model.BertFinetun.deq_fusion, plugin.CmbertFusion) and model.BertFinetun.deq_fusion.deq.dim == 50
-    assert (model.BertFinetun.deq_fusion.deq.jac_term, model.BertFinetun.deq_fusion.deq.norm) == ("diagonal", "contractive")
+    deq = model.BertFinetun.deq_fusion.deq
+    assert (deq.jac_term, deq.norm, deq.f_max_iter_eval) == ("diagonal", "contractive", 400)
 
 
 def test_training_run_with_deq_fusion(cmbert, workspace):

@@ -158,6 +158,9 @@ def test_runner_through_the_cli(data, tmp_path):
     assert code == 0 and result["settings"]["data"]["limit"] == ROWS and result["solver"]["nstep"] <= 6   # the last (evaluation) solve
     assert all(0.0 <= result[s][k] <= 1.0 for s in ("valid", "test") for k in ("f1_micro", "f1_macro"))
     assert result["settings"]["fusion"]["jac_weight"] == 0.1 and result["settings"]["train"]["lr"] == 8e-3
+    # MM-IMDB's DEQ takes the contractive norm, and MultiBench's train() pickled the whole normed model
+    assert result["settings"]["fusion"]["options"]["norm"] == "contractive"
+    assert torch.load(tmp_path / "best.pt", weights_only=False).fuse.deq.norm == "contractive"
 
 
 def test_runner_on_rosmap_through_multibench_train(tmp_path):

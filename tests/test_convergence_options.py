@@ -312,9 +312,13 @@ def test_diagonal_jacobian_term_option_is_validated_and_used():
     assert torch.allclose(out.jac_loss, expected) and not torch.allclose(out.jac_loss, full)
 
 # -- 6. normalisation of f --------------------------------------------------------------------------------
-from torch.nn.utils import parametrize  # noqa: E402
+import io  # noqa: E402
 
-from deqfusion_core.norms import NORMS, apply_norm, loop_group_norms  # noqa: E402
+from torch.func import functional_call  # noqa: E402
+from torch.nn.utils import parametrizations, parametrize  # noqa: E402
+
+from deqfusion_core.norms import (NORMS, GainBound, apply_norm, is_normalised, loop_group_norms,  # noqa: E402
+                                  loop_linears, normalised_once)
 from deqfusion_core.solvers import fixed_point  # noqa: E402
 from deqfusion_core.fusion_map import RowMap  # noqa: E402
 
@@ -324,7 +328,7 @@ WIDE = [12, 16, 10]
 def settle(m, xs):
     """Anderson's z* (rel residuals), the exact spectral radius there, and plain iteration's residuals."""
     m.eval()
-    with parametrize.cached():
+    with normalised_once(m):
         with torch.no_grad():
             inj = m.inject(xs)
             z0 = torch.zeros(xs[0].shape[0], m.state_width, dtype=torch.float64)
@@ -351,14 +355,14 @@ def test_contractive_norm_makes_f_contractive_where_the_plain_one_is_not():
 
 
 @pytest.mark.parametrize("norm", sorted(NORMS))
-def test_norms_parametrize_f_and_keep_it_trainable(norm):
+def test_norms_normalise_f_and_keep_it_trainable(norm):
     m = model(norm=norm, contractive=False, f_max_iter=30, f_tol=1e-6)
     fuse = m.fusion
     linears = [fuse.gate, fuse.fuse] + [b.lin2 for b in m.blocks]
-    assert all(parametrize.is_parametrized(layer, "weight") for layer in linears)
-    assert parametrize.is_parametrized(m.blocks[0].lin1) == (norm != "contractive")
-    assert all(parametrize.is_parametrized(gn, "weight") for gn in loop_group_norms(m)) == (norm == "contractive")
-    assert not any(parametrize.is_parametrized(p) for p in m.proj)     # the injection is left alone
+    assert all(is_normalised(layer) for layer in linears)
+    assert is_normalised(m.blocks[0].lin1) == (norm != "contractive")
+    assert all(is_normalised(gn) for gn in loop_group_norms(m)) == (norm == "contractive")
+    assert not any(is_normalised(p) for p in m.proj)     # the injection is left alone
     xs = inputs(DIMS, dtype=torch.float64)
     out = m.train()(xs)
     (out.fused ** 2).sum().backward()
@@ -381,6 +385,107 @@ def test_a_state_dict_round_trip_with_a_norm():
     keys = set(model(contractive=False).state_dict())   # the default keeps checkpoints as they were
     assert not any("parametrizations" in k for k in keys)
     assert keys == set(DEQFusion(DIMS, dim=8, num_groups=2, norm=None).state_dict())
+
+
+def torch_parametrized(norm, seed=0):
+    """The reference: the same model with the norm as torch's parametrizations (what ``norms`` replaced)."""
+    m = model(norm=None, seed=seed, contractive=False, dtype=torch.float32)
+    if norm == "weight":
+        for layer in loop_linears(m):
+            parametrizations.weight_norm(layer)
+    elif norm == "spectral":
+        for layer in loop_linears(m):
+            parametrizations.spectral_norm(layer)
+    else:
+        for gn in loop_group_norms(m):
+            parametrize.register_parametrization(gn, "weight", GainBound(0.25))
+        for layer in loop_linears(m, ("lin2", "gate", "fuse")):
+            parametrizations.spectral_norm(layer)
+    return m.double()
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_norms_compute_what_torchs_parametrizations_computed(norm):
+    ours = model(norm=norm, seed=0, contractive=False, dtype=torch.float32).double()
+    ref = torch_parametrized(norm, seed=0)
+    state, expected = ours.state_dict(), ref.state_dict()
+    assert set(state) == set(expected)            # the same names: their checkpoints load
+    for k in state:
+        torch.testing.assert_close(state[k], expected[k], rtol=0, atol=0)
+    xs = inputs(DIMS, dtype=torch.float64)
+    for mode in ("train", "train", "train", "eval"):   # spectral: one power iteration per training forward
+        getattr(ours, mode)(), getattr(ref, mode)()
+        with parametrize.cached():
+            ref_out = ref(xs).fused
+        torch.testing.assert_close(ours(xs).fused, ref_out, rtol=0, atol=1e-14)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, rtol=0, atol=1e-14)
+
+
+def test_normalised_weights_keep_their_bounds():
+    m = model(norm="contractive", contractive=False, f_max_iter=30)
+    with torch.no_grad():                   # raw gains and weights far outside the bounds
+        for gn in loop_group_norms(m):
+            gn.parametrizations.weight.original.normal_(0, 10)
+        for layer in loop_linears(m, ("lin2", "gate", "fuse")):
+            layer.parametrizations.weight.original.mul_(50)
+        m.blocks[0].lin1.weight.mul_(50)
+    xs = inputs(DIMS, dtype=torch.float64)
+    for _ in range(3):
+        m.train()(xs)
+    for gn in loop_group_norms(m):
+        assert 0.2 < gn.weight.abs().max() <= 0.25        # tanh saturates to the bound in floating point
+    for layer in loop_linears(m, ("lin2", "gate", "fuse")):
+        sigma = torch.linalg.matrix_norm(layer.weight.detach(), ord=2)
+        assert 1 - 1e-6 < sigma < 1 + 1e-3            # the power iteration's sigma is at most the true one
+    assert torch.linalg.matrix_norm(m.blocks[0].lin1.weight.detach(), ord=2) > 10   # lin1 is left alone
+    w = model(norm="weight", contractive=False)
+    layer = w.fusion.fuse
+    g = layer.parametrizations.weight.original0
+    torch.testing.assert_close(layer.weight.norm(dim=1, keepdim=True), g.abs())
+
+
+@pytest.mark.parametrize("norm", [None, *sorted(NORMS)])
+def test_a_normed_model_pickles_deep_copies_and_round_trips(norm):
+    m = model(norm=norm, seed=0, contractive=False, f_max_iter=30)
+    xs = inputs(DIMS, dtype=torch.float64)
+    (m.train()(xs).fused ** 2).sum().backward()        # after a training step: buffers moved, grads held
+    buf = io.BytesIO()
+    torch.save(m, buf)                                  # what MultiBench's train() does with the whole model
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    copied = copy.deepcopy(m)
+    fresh = model(norm=norm, seed=1, contractive=False, f_max_iter=30)
+    fresh.load_state_dict(m.state_dict())
+    expected = m.eval()(xs).fused
+    for other in (loaded, copied, fresh):
+        assert [type(x) for x in other.modules()] == [type(x) for x in m.modules()]
+        torch.testing.assert_close(other.eval()(xs).fused, expected, rtol=0, atol=0)
+        (other.train()(xs).fused ** 2).sum().backward()        # and it trains
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in other.parameters()
+                   if p.requires_grad and p is not other.bias)
+    with torch.no_grad():                               # the copies hold their own parameters
+        for p in copied.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(m.eval()(xs).fused, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_gradient_through_a_normed_fusion_matches_finite_differences(norm):
+    m = model(norm=norm, contractive=False, f_max_iter=300, f_tol=1e-13, b_max_iter=300, b_tol=1e-13).eval()
+    with torch.no_grad():                   # halved free gains: f contracts, so both solves reach 1e-13
+        for gn in loop_group_norms(m):
+            if not is_normalised(gn):
+                gn.weight.mul_(0.5)
+    names = [n for n, _ in m.named_parameters() if "parametrizations" in n]
+    raw = [p.detach().clone().requires_grad_() for n, p in m.named_parameters() if n in names]
+    xs = inputs(DIMS, batch=2, dtype=torch.float64, requires_grad=True)
+
+    def fused(*args):
+        out = functional_call(m, dict(zip(names, args[:len(names)])), (list(args[len(names):]),))
+        assert out.stats.rel_residual < 1e-10
+        return out.fused
+    assert torch.autograd.gradcheck(fused, (*raw, *xs), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
 
 
 @pytest.mark.parametrize("kw,name", [(dict(norm="batch"), "norm: unknown norm 'batch'"),

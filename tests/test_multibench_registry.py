@@ -145,6 +145,24 @@ def test_recipes_are_attributed():
         runner.settings(runner.parser().parse_args(["--data", "x.hdf5", "--fusion", "concat", "--fusion-lr", "1e-4"]))
 
 
+def test_mmimdb_deq_takes_the_contractive_norm_which_options_override(tmp_path):
+    """MM-IMDB's DEQ arm builds its fusion with norm=contractive (ours: training.CONVERGENCE_MMIMDB); a fusion
+    option from the command line (-o / --fusion-arg) wins; ROSMAP/BRCA and the other fusions take none; and the
+    whole normed model pickles, as MultiBench's train() saves it."""
+    from deqfusion_adapters.multibench import registry, runner, training
+
+    assert training.CONVERGENCE_MMIMDB == dict(norm="contractive")
+    opts = lambda argv, o=None: runner.settings(runner.parser().parse_args(argv), o)["fusion"].get("options")
+    assert opts(["--data", "x.hdf5"]) == {"norm": "contractive"}
+    assert opts(["--data", "x.hdf5"], {"norm": "none"}) == {"norm": "none"}
+    assert opts(["--data", "x.hdf5", "--fusion-arg", "norm=spectral"]) == {"norm": "spectral"}
+    assert opts(["--data", str(tmp_path)]) == {} and opts(["--data", "x.hdf5", "--fusion", "concat"]) is None
+    fusion = registry.create("deq", [6, 6], dim=8, num_groups=2, **opts(["--data", "x.hdf5"]))
+    assert fusion.deq.norm == "contractive"
+    torch.save(nn.Sequential(fusion), tmp_path / "best.pt")
+    assert torch.load(tmp_path / "best.pt", weights_only=False)[0].deq.norm == "contractive"
+
+
 def test_shim_stands_in_only_for_what_is_missing(monkeypatch):
     monkeypatch.setitem(shims.STAND_INS, "deqfusion_no_such_pkg", (("json", "deqfusion_no_such_pkg"), "a test", ("sub",)))
     monkeypatch.setitem(shims.STAND_INS, "json", (("json",), "a test", ()))

@@ -7,7 +7,8 @@
 
 Every fusion trains with the same recipe, MultiBench's own for the data set (:data:`RECIPES`; each setting a
 command-line option, the same for every fusion); a DEQ fusion adds the paper's DEQ recipe (Jacobian weight, its own
-learning rate), which belongs to the fusion. Reports valid and test scores of the checkpoint ``train`` selected on
+learning rate), which belongs to the fusion, and, for MM-IMDB, our fusion options for convergence
+(``training.CONVERGENCE_MMIMDB``: ``norm=contractive``; ``-o norm=none`` restores DEQFusion's default). Reports valid and test scores of the checkpoint ``train`` selected on
 validation (its own rule: best accuracy, or best macro-F1 for MM-IMDB). Uses the GPU when there is one
 (MultiBench's ``train`` picks ``cuda:0``; ``CUDA_VISIBLE_DEVICES=`` forces the CPU).
 """
@@ -29,7 +30,7 @@ from deqfusion_core.options import FusionOptions, parse_fusion_option
 
 from . import mmimdb, mogonet
 from .checkout import import_multibench
-from .training import MULTIBENCH_MMIMDB, PAPER_MMIMDB, deq_train_kwargs
+from .training import CONVERGENCE_MMIMDB, MULTIBENCH_MMIMDB, PAPER_MMIMDB, deq_train_kwargs
 
 # The shared recipe of each data set (every fusion alike) and where it comes from; then the DEQ recipe.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -42,7 +43,9 @@ RECIPES: dict[str, dict[str, Any]] = {
                           "width and validation share are ours (MultiBench has no ROSMAP/BRCA recipe)"},
 }
 DEQ_RECIPES = {
-    "mmimdb": {**PAPER_MMIMDB, "source": "the paper's appendix C (MM-IMDB)"},
+    "mmimdb": {**PAPER_MMIMDB, "options": CONVERGENCE_MMIMDB,
+               "source": "the paper's appendix C (MM-IMDB: Jacobian weight, the fusion's learning rate); the fusion "
+                         "options (norm=contractive) are ours (training.CONVERGENCE_MMIMDB)"},
     "mogonet": {"jac_weight": 20.0, "fusion_lr": None, "source": "the paper's appendix C (BRCA: Jacobian weight 20)"},
 }
 SHARED = ("optimizer", "lr", "weight_decay", "clip_val", "batch_size", "epochs", "dim", "early_stop", "val_fraction")
@@ -96,7 +99,7 @@ def settings(args: argparse.Namespace, fusion_options=None) -> dict[str, Any]:
         fusion["jac_weight"] = next(v for v in (args.jac_weight, options.get("jac_weight"), deq["jac_weight"])
                                     if v is not None)
         fusion["fusion_lr"] = args.fusion_lr if args.fusion_lr is not None else deq["fusion_lr"]
-        fusion["options"] = {**options.fusion_kwargs(), **dict(args.fusion_arg)}
+        fusion["options"] = {**deq.get("options", {}), **options.fusion_kwargs(), **dict(args.fusion_arg)}
     elif args.jac_weight is not None or args.fusion_lr is not None:
         raise ValueError(f"--jac-weight/--fusion-lr: the DEQ recipe; --fusion {args.fusion} has none")
     return {"data": {"path": str(Path(args.data).resolve()), "kind": kind, "task": recipe["task"],
