@@ -31,7 +31,7 @@ out="$(cd "$out" && pwd)"
 start=$(date +%s)
 status="$out/status.json"
 echo "{}" > "$status"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}"   # 8 on the 16-core device
 export DEQFUSION_MMDYNAMICS_ROOT="${DEQFUSION_MMDYNAMICS_ROOT:-$(pwd)/../upstream/mmdynamics}"
 export DEQFUSION_CMBERT_ROOT="${DEQFUSION_CMBERT_ROOT:-$(pwd)/../upstream/Cross-Modal-BERT}"
 ref="${DEQFUSION_REFERENCE_ROOT:-$(pwd)/../upstream/deqfusion_ref}"

@@ -38,7 +38,7 @@ X_FUSE = ("weighted_sum", "linear")   # the ways to compute x_fuse (FusionMap's 
 
 # At most this many [rows x dim] entries per modality, f runs the N modality blocks as batched [N, b, dim] ops
 # (one kernel launch each instead of N: per-op overhead dominates small f); above it, one matrix product per
-# modality (torch's CPU bmm is 1.7x slower than N mm at 612 x 500; measured, benchmarks/bench_core.py).
+# modality (torch 2.13's CPU bmm took 1.7x the time of N mm at 612 x 500 x 500 on this project's 2-core machine).
 BATCHED_MAX = 1 << 16
 
 
@@ -72,8 +72,8 @@ class GroupNorm(nn.GroupNorm):
     slower backward on CPU (measured at 612 x 500, 4 groups)."""
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() != 2 and out is None:
-            return super().forward(x)
+        if x.dim() != 2:
+            return super().forward(x) if out is None else out.copy_(super().forward(x))
         return group_norm(x, self.num_groups, self.weight if self.affine else None, self.bias, self.eps, out)
 
 
@@ -279,14 +279,14 @@ class FusionMap(nn.Module):
         gate_mask, fuse_mask = self._dropout_masks(x_fuse)
         blocks = x2 = x_fuse_biased = None
         if self.blocks is not None:
-            blocks = self._block_params(x_fuse)
+            blocks = self._block_params()
             x2 = torch.stack(xs) + torch.stack([blk.lin2.bias for blk in self.blocks])[:, None]
         if self.fusion is not None and fuse_mask is None:
             x_fuse_biased = x_fuse + self.fusion.fuse.bias
         return Injection(xs, x_fuse, gate_mask, fuse_mask, present, blocks=blocks, x2=x2,
                          x_fuse_biased=x_fuse_biased)
 
-    def _block_params(self, ref: torch.Tensor) -> BlockParams:
+    def _block_params(self) -> BlockParams:
         each = [blk.params() for blk in self.blocks]
         cat = lambda ts: None if ts[0] is None else torch.stack(ts)
         w1, b1, w2 = (torch.stack([e[k] for e in each]) for k in range(3))
@@ -295,16 +295,19 @@ class FusionMap(nn.Module):
         gn = self.blocks[0].gn1
         return BlockParams(each, (w1, b1[:, None], w2, *gns), gn.num_groups, gn.eps)
 
-    def modality_states(self, zs: torch.Tensor, inj: Injection, out: torch.Tensor | None = None):
-        """f_i(z_i; x_i) for every modality (Eq. 7-8) from the states ``zs`` [b, N, d]: stacked [N, b, d] (every
-        op on all modalities at once) when there are at most ``BATCHED_MAX`` entries per modality, else a list
-        of N [b, d] (one matrix product per modality). ``out`` [b, N, d]: written there (no autograd)."""
-        P = inj.blocks
-        if zs.shape[0] * zs.shape[2] <= BATCHED_MAX:
-            return block(zs.transpose(0, 1), inj.x2, *P.stacked, P.groups, P.eps,
+    def modality_states(self, zz: torch.Tensor, parts: Sequence[torch.Tensor], inj: Injection,
+                        out: torch.Tensor | None = None):
+        """f_i(z_i; x_i) for every modality (Eq. 7-8) from the state ``zz`` [b, N+1, d] (``parts``: its unbind):
+        stacked [N, b, d] (every op on all modalities at once) when there are at most ``BATCHED_MAX`` entries per
+        modality, else a list of N [b, d] (one matrix product per modality, on ``parts``: a slice or select per use
+        would fill a zero gradient of the whole state in the backward each time). ``out`` [b, N, d]: written there
+        (no autograd)."""
+        P, n = inj.blocks, self.num_modalities
+        if zz.shape[0] * zz.shape[2] <= BATCHED_MAX:
+            return block(zz[:, :n].transpose(0, 1), inj.x2, *P.stacked, P.groups, P.eps,
                          None if out is None else out.transpose(0, 1))
-        return [block(zs[:, i], inj.x2[i], *P.each[i], P.groups, P.eps, None if out is None else out[:, i])
-                for i in range(self.num_modalities)]
+        return [block(parts[i], inj.x2[i], *P.each[i], P.groups, P.eps, None if out is None else out[:, i])
+                for i in range(n)]
 
     def _weighted(self, xs):
         """sum_i w_i x_i (Eq. 12) or sum_i W_i x_i (``x_fuse="linear"``), without the bias."""
@@ -318,13 +321,15 @@ class FusionMap(nn.Module):
         parts of f(z) are written into one new state instead of being concatenated."""
         b, n, d = z.shape[0], self.num_modalities, self.dim
         zz = z.view(b, n + 1, d)
+        parts = zz.unbind(1)
         direct = self.blocks is not None and self.fusion is not None and inj.present is None \
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled(z.device.type)
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled(z.device.type) \
+            and z.dtype == inj.x_fuse.dtype
         out = torch.empty_like(zz) if direct else None
         if self.blocks is None:
             new = list(inj.xs)
         else:
-            new = self.modality_states(zz[:, :n], inj, None if out is None else out[:, :n])
+            new = self.modality_states(zz, parts, inj, None if out is None else out[:, :n])
             if inj.present is not None:   # an absent modality's f_i is the constant 0
                 if isinstance(new, torch.Tensor):
                     new = torch.where(inj.present.t()[:, :, None], new, 0.0)
@@ -333,7 +338,7 @@ class FusionMap(nn.Module):
         if self.fusion is None:
             z_fuse = _total(new)
         else:
-            z_fuse = self.fusion(zz[:, n], new, inj.x_fuse, inj.gate_mask, inj.fuse_mask, gate_means, inj.present,
+            z_fuse = self.fusion(parts[n], new, inj.x_fuse, inj.gate_mask, inj.fuse_mask, gate_means, inj.present,
                                  inj.x_fuse_biased, None if out is None else out[:, n])
         if out is not None:
             return out.view(b, -1)
