@@ -17,6 +17,19 @@ def make_contractive(fusion: DEQFusion, scale: float = 0.2) -> DEQFusion:
     return fusion
 
 
+def central_difference(loss, params, direction, h: float = 1e-6):
+    """(loss(params + h d) - loss(params - h d)) / 2h, the parameters restored after each evaluation."""
+    vals = []
+    with torch.no_grad():
+        for s in (h, -h):
+            for p, d in zip(params, direction):
+                p.add_(s * d)
+            vals.append(loss())
+            for p, d in zip(params, direction):
+                p.sub_(s * d)
+    return (vals[0] - vals[1]) / (2 * h)
+
+
 @pytest.fixture
 def contractive():
     return make_contractive

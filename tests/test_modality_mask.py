@@ -6,7 +6,7 @@ present modalities and the fuse block, with w_i scaled by N / N_p (our x_fuse re
 import pytest
 import torch
 
-from conftest import inputs, make_contractive
+from conftest import central_difference, inputs, make_contractive
 from deqfusion_core import DEQFusion
 
 DIMS = [6, 8, 5]
@@ -160,16 +160,7 @@ def test_implicit_gradient_with_a_mask_matches_finite_differences_float64():
     params = [p for p in m.parameters()]
     direction = [torch.randn_like(p) for p in params]
     analytic = sum((g[k] * d).sum() for (k, _), d in zip(m.named_parameters(), direction))
-    h = 1e-6
-    with torch.no_grad():
-        vals = []
-        for s in (h, -h):
-            for p, d in zip(params, direction):
-                p.add_(s * d)
-            vals.append(loss_of(m(xs, present=present).fused))
-            for p, d in zip(params, direction):
-                p.sub_(s * d)
-    numeric = (vals[0] - vals[1]) / (2 * h)
+    numeric = central_difference(lambda: loss_of(m(xs, present=present).fused), params, direction)
     assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
 
 
