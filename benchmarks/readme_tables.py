@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"^(<!-- results: (?P<path>\S+)(?: (?P<view>robustness))? -->\n)(?P<body>.*?)^(<!-- /results -->)",
+BLOCK = re.compile(r"^(<!-- results: (?P<path>\S+)(?: (?P<view>robustness|end_to_end))? -->\n)(?P<body>.*?)^(<!-- /results -->)",
                    re.S | re.M)
 
 
@@ -98,13 +98,34 @@ def render_robustness(summary: dict, source: str) -> str:
     return "\n".join(lines + _provenance(summary, source)) + "\n"
 
 
+def render_end_to_end(summary: dict, source: str) -> str:
+    """The speed table (``<!-- results: PATH end_to_end -->``, benchmarks/end_to_end.py's summary): per upstream, the
+    training step of deq against the upstream's own fusion, the DEQ's share of its step, and peak memory."""
+    lines = ["| upstream (data) | baseline fusion | training step deq / baseline | DEQ fusion forward + backward, "
+             "share of the deq step | peak memory deq / baseline | mean DEQ solver steps (training) |",
+             "|---|---|---|---|---|---|"]
+    for name, r in summary.items():
+        step = r["step_s"]
+        lines.append(f"| {name}: {r['data']} | {r['baseline_fusion']} | {r['step_ratio_deq_over_baseline']:.2f} "
+                     f"({step['deq'] * 1e3:.1f} vs {step['baseline'] * 1e3:.1f} ms) | "
+                     f"{r['fusion_share_of_deq_step']:.0%} | {r['peak_memory_ratio_deq_over_baseline']:.2f} | "
+                     f"{r['deq_mean_solver_steps']:.1f} |")
+    commits = sorted({r["commit"][:10] for r in summary.values()})
+    machines = sorted({r["machine"] for r in summary.values()})
+    load = max(max(r["load_avg_1m"]) for r in summary.values())
+    return "\n".join(lines + ["", f"{'; '.join(machines)}; load average up to {load:.1f}; commit {', '.join(commits)}; "
+                              f"from [{source}]({source}) (details: [summary.md]({source.rsplit('/', 1)[0]}/summary.md))."]) + "\n"
+
+
+VIEWS = {None: render, "robustness": render_robustness, "end_to_end": render_end_to_end}
+
+
 def regenerate(text: str, root: Path = ROOT) -> str:
     def replace(m: re.Match) -> str:
         path = root / m.group("path")
         if not path.is_file():
             raise FileNotFoundError(f"{m.group('path')}: no such result file")
-        view = render_robustness if m.group("view") == "robustness" else render
-        return m.group(1) + view(json.loads(path.read_text()), m.group("path")) + m.group(5)
+        return m.group(1) + VIEWS[m.group("view")](json.loads(path.read_text()), m.group("path")) + m.group(5)
 
     return BLOCK.sub(replace, text)
 
