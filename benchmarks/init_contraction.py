@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    git = lambda *args: subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     rows = []
     for name, (dims, kinds, dim, source) in SHAPES.items():
         params = fusion_params(CONFIGS / name)
