@@ -13,7 +13,10 @@ NAME: ``mcan`` (MCAN's run.py, MCAN-small, generated VQA-v2 data in its layout; 
 or ../shared/upstreams/mcan-vqa), ``cmbert`` (run_classifier's main, one run: CMU-MOSI transcripts from
 ../shared/data/cmu_mosi_text, a tiny random BERT and generated audio; DEQFUSION_CMBERT_ROOT),
 ``multibench-rosmap`` and ``multibench-mmimdb`` (our MultiBench runner, MultiBench's own train(): ROSMAP from
-../shared/data/rosmap, MM-IMDB generated in its HDF5 layout). Each runs with the integration's defaults as
+../shared/data/rosmap, MM-IMDB generated in its HDF5 layout), ``mutan`` (vqa.pytorch's train.py, MutanAtt;
+DEQFUSION_VQA_PYTORCH_ROOT) and ``block`` (block.bootstrap's runner, its VQA2 network with ``type: deq`` as its
+classifier fusion; the installed package), both on VQA-v2 generated in their layouts (integration_tests/vqa_data).
+Each runs with the integration's defaults as
 shipped; ``--escalate``: while a run stays under 95% (training, last quarter, or evaluation), again with
 ``jac_term=diagonal``, then with ``norm=contractive`` too. ``--set KEY=VALUE`` (repeatable): run once with these
 fusion options over the integration's defaults (instead of the ladder). ``--diagnose``: after every evaluation
@@ -29,6 +32,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,7 +50,7 @@ sys.path.insert(0, str(ROOT / "integration_tests"))
 
 
 # -- each recipe: its data, the upstream's arguments, the options that only locate files ----------------------------
-def mcan(tmp: Path, epochs: int):
+def mcan(tmp: Path, epochs: int, seed: int):
     import test_mcan
     import upstreams
 
@@ -62,7 +66,7 @@ def mcan(tmp: Path, epochs: int):
     return checkout, argv, {"glove": str(glove)}, data_note
 
 
-def cmbert(tmp: Path, epochs: int):
+def cmbert(tmp: Path, epochs: int, seed: int):
     import test_cmbert
 
     root = os.environ.get("DEQFUSION_CMBERT_ROOT")
@@ -78,7 +82,7 @@ def cmbert(tmp: Path, epochs: int):
 
 
 def multibench(data_kind: str):
-    def recipe(tmp: Path, epochs: int):
+    def recipe(tmp: Path, epochs: int, seed: int):
         import upstreams
 
         root = upstreams.checkout("DEQFUSION_MULTIBENCH_ROOT", "MultiBench")
@@ -98,12 +102,41 @@ def multibench(data_kind: str):
     return recipe
 
 
+def mutan(tmp: Path, epochs: int, seed: int):
+    import test_mutan_train
+
+    root = os.environ.get("DEQFUSION_VQA_PYTORCH_ROOT")
+    if not root:
+        raise SystemExit("DEQFUSION_VQA_PYTORCH_ROOT is unset")
+    checkout = Path(shutil.copytree(root, tmp / "vqa.pytorch", ignore=shutil.ignore_patterns(".git", "doc", "demo_web")))
+    path = test_mutan_train.options(tmp, epochs, per_image=VQA_PER_IMAGE)
+    note = (f"VQA-v2 generated in vqa.pytorch's layout (integration_tests/test_mutan_train.options): "
+            f"{8 * VQA_PER_IMAGE} train / {4 * VQA_PER_IMAGE} val questions, MutanAtt at small widths, batch 8")
+    return checkout, ["--path_opt", str(path), "-j", "0"], {}, note
+
+
+def block(tmp: Path, epochs: int, seed: int):
+    import test_block_runner
+    import yaml
+
+    opts = test_block_runner.options(tmp, epochs=epochs, per_image=VQA_PER_IMAGE)
+    fusion = opts["model"]["network"]["classif"]["fusion"]        # the test's solver settings out: the plugin's
+    for key in ("num_groups", "f_max_iter", "b_max_iter", "jac_weight"):
+        fusion.pop(key)
+    (tmp / "options.yaml").write_text(yaml.safe_dump(opts))
+    note = (f"VQA-v2 generated in block's layout (integration_tests/test_block_runner.options, `type: deq` with "
+            f"only its shape keys): {8 * VQA_PER_IMAGE} train / {4 * VQA_PER_IMAGE} val questions, batch 8")
+    return None, ["-o", str(tmp / "options.yaml"), "--misc.seed", str(seed)], {}, note
+
+
+VQA_PER_IMAGE = 12      # questions per generated image (8 train / 4 val images)
 RECIPES = {"mcan": (mcan, 2), "cmbert": (cmbert, 3), "multibench-rosmap": (multibench("rosmap"), 20),
-           "multibench-mmimdb": (multibench("mmimdb"), 5)}
-INTEGRATION = {"mcan": "mcan", "cmbert": "cmbert", "multibench-rosmap": "multibench", "multibench-mmimdb": "multibench"}
+           "multibench-mmimdb": (multibench("mmimdb"), 5), "mutan": (mutan, 6), "block": (block, 6)}
+INTEGRATION = {"mcan": "mcan", "cmbert": "cmbert", "multibench-rosmap": "multibench", "multibench-mmimdb": "multibench",
+               "mutan": "mutan", "block": "block"}
 LOCATION_KEYS = ("glove", "audio", "workdir")      # options that only say where files are
 # the options a recipe's command gives over the integration's defaults (docs/recipes.md: `--jac-weight 0.1` for VQA-v2)
-COMMAND_OPTIONS = {"mcan": {"jac_weight": 0.1}}
+COMMAND_OPTIONS = {"mcan": {"jac_weight": 0.1}, "mutan": {"jac_weight": 0.1}, "block": {"jac_weight": 0.1}}
 
 
 # -- the worker: one training run in its own process ---------------------------------------------------------------
@@ -216,8 +249,8 @@ def run(name: str, overrides: dict, epochs: int, threads: int, out: Path, comman
     recipe, _ = RECIPES[name]
     with tempfile.TemporaryDirectory(prefix=f"conv-{name}-") as tmp:
         tmp = Path(tmp)
-        root, argv, location, data_note = recipe(tmp, epochs)
-        job = {"integration": INTEGRATION[name], "root": str(root), "argv": argv, "threads": threads,
+        root, argv, location, data_note = recipe(tmp, epochs, seed)
+        job = {"integration": INTEGRATION[name], "root": root and str(root), "argv": argv, "threads": threads,
                "options": {**location, **COMMAND_OPTIONS.get(name, {}), **overrides},
                "result": str(tmp / "result.json"), "diagnose": diagnose, "seed": seed}
         (tmp / "job.json").write_text(json.dumps(job))
@@ -272,7 +305,7 @@ def write_summary(out: Path) -> None:
              "oldest first. `seed`: of the process's generators (random, numpy, torch) before the upstream starts; "
              "`-`: a run from before the script seeded them (CM-BERT's run_classifier then drew a random seed of "
              "its own, so those CM-BERT runs cannot be repeated; the MultiBench runner and MCAN seed themselves, "
-             "`--seed 0` and `--SEED=1`).", "",
+             "`--seed 0` and `--SEED=1`; block's runner seeds itself with `--misc.seed`, the run's seed).", "",
              "| recipe | seed | settings over the integration's defaults | resolved fusion options | DEQFusion as built | epochs "
              "| train converged (last quarter) | eval converged | mean steps train / eval | max eval rel residual | "
              "tol / cap (last solve) | solves train / eval | wall | commit |",

@@ -136,6 +136,14 @@ def test_deq_fusion_defaults_from_the_command_line_and_bad_options():
 
         fusion = factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "mm_dim": 8, "num_groups": 2})
         assert fusion.deq.f_max_iter == 7 and fusion.jac_weight == 0.25
+        # the plugin's default (ours, plugin.CONVERGENCE): the contractive norm, gains bounded by 0.15
+        assert (fusion.deq.norm, fusion.deq.norm_options) == ("contractive", {"max_gain": 0.15})
+        off = factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "mm_dim": 8, "num_groups": 2,
+                       "norm": "none", "norm_options": {}})
+        assert (off.deq.norm, off.deq.norm_options) == (None, {})     # the options file undoes it
+        with pytest.raises(ValueError, match="norm_options: given without a norm"):
+            factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "mm_dim": 8, "num_groups": 2,
+                     "norm": "none"})                 # the default max_gain stays unless undone too: said, not hidden
         fusion = factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "mm_dim": 8, "num_groups": 2,
                           "f_max_iter": 3})
         assert fusion.deq.f_max_iter == 3                 # the options file wins over the command line

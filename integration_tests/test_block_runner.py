@@ -19,9 +19,11 @@ import vqa_data  # noqa: E402
 DV = 16   # visual feature width (bottom-up features are 2048; tiny here)
 
 
-def options(tmp_path: Path, fusion: str = "deq", epochs: int = 1) -> dict:
+def options(tmp_path: Path, fusion: str = "deq", epochs: int = 1, per_image: int = 3) -> dict:
+    """Generated data and block's options (small widths); ``per_image`` questions an image
+    (benchmarks/recipe_convergence.py asks for more)."""
     data = tmp_path / "data"
-    ids = vqa_data.write_vqa2_raw(data / "vqa2" / "raw" / "annotations")
+    ids = vqa_data.write_vqa2_raw(data / "vqa2" / "raw" / "annotations", per_image)
     vqa_data.write_rcnn_features(data / "coco" / "extract_rcnn", ids, DV)
     st = vqa_data.write_skipthoughts(data / "skip-thoughts")
     classif = {"type": fusion, "input_dims": [4800, 2 * DV], "output_dim": 20, "mm_dim": 32, "rank": 3}

@@ -56,6 +56,7 @@ engine.train(loader, model, criterion, optimizer, exp, epoch=0, print_freq=1)
 changed = [k for k, v in model.fusion_classif.state_dict().items() if not torch.equal(v, before[k])]
 print("CHANGED", len(changed), "OF", len(before))
 print("NSTEP", model.fusion_classif.last_stats.nstep)
+print("NORM", model.fusion_classif.deq.norm)
 print("SHIMS", sorted(s.name for s in compat.applied("mutan")))
 from vqa.models import att, noatt
 plugin.INTEGRATION.remove()
@@ -89,8 +90,18 @@ def test_mutan_att_trains_through_its_engine(tmp_path, skipthoughts_dir):
     assert log.count("Epoch: [0]") == 3                       # the engine's own loop printed every step
     changed, total = map(int, log.split("CHANGED", 1)[1].split()[0:3:2])
     assert changed == total                                   # every DEQ fusion parameter was updated
+    assert "NORM contractive" in log                          # the plugin's default (ours), options not naming it
     assert "vqa.lib.engine" in log.split("SHIMS", 1)[1]       # the engine needed its in-memory source rewrite
     assert "REMOVED vqa.models.att vqa.models.noatt False" in log   # remove(): the upstream's own objects again
+
+
+def test_contractive_norm_by_default_which_options_override():
+    """The fusion the patched MutanAtt builds takes the plugin's resolved options: the contractive norm (ours,
+    plugin.CONVERGENCE) unless `-o norm=none` (DEQFusion's default) or another norm is given."""
+    assert plugin.CONVERGENCE == {"norm": "contractive"}
+    build = lambda options: plugin.DEQMutanFusion(8, 6, 10, plugin.INTEGRATION.fusion_options(options)).deq
+    assert build({}).norm == "contractive" and build({"jac_weight": 0.1}).norm == "contractive"
+    assert build({"norm": "none"}).norm is None and build({"norm": "spectral"}).norm == "spectral"
 
 
 def test_groups_divide_mutan_widths():

@@ -31,9 +31,11 @@ def checkout(tmp_path):
     return Path(shutil.copytree(ROOT, tmp_path / "vqa.pytorch", ignore=shutil.ignore_patterns(".git", "doc", "demo_web")))
 
 
-def options(tmp_path: Path) -> Path:
+def options(tmp_path: Path, epochs: int = 1, per_image: int = 3) -> Path:
+    """Generated data and MutanAtt's options file (small widths) for ``epochs`` epochs of training, ``per_image``
+    questions an image (benchmarks/recipe_convergence.py asks for more)."""
     data = tmp_path / "data"
-    ids = vqa_data.write_vqa2_raw(data / "vqa2" / "raw" / "annotations")
+    ids = vqa_data.write_vqa2_raw(data / "vqa2" / "raw" / "annotations", per_image)
     vqa_data.write_grid_features(data / "coco" / "extract" / "arch,fbresnet152_size,448", ids, DV, GRID)
     st = vqa_data.write_skipthoughts(data / "skip-thoughts")
     opts = {
@@ -50,7 +52,7 @@ def options(tmp_path: Path) -> Path:
                   "fusion": {"dim_hv": 40, "dim_hq": 20, "dim_mm": 30, "R": 2, "dropout_v": 0.5, "dropout_q": 0.5,
                              "activation_v": "tanh", "activation_q": "tanh", "dropout_hv": 0, "dropout_hq": 0},
                   "classif": {"dropout": 0.5}},
-        "optim": {"lr": 1e-3, "batch_size": 8, "epochs": 2},     # train.py trains epochs 1 .. epochs-1
+        "optim": {"lr": 1e-3, "batch_size": 8, "epochs": epochs + 1},     # train.py trains epochs 1 .. epochs-1
     }
     path = tmp_path / "mutan_att_train.yaml"
     path.write_text(yaml.safe_dump(opts))
