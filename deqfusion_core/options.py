@@ -94,15 +94,13 @@ class FusionOptions(Mapping[str, Any]):
 
     # -- reading ---------------------------------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
-        if key in self._values:
-            return self._values[key]
-        return self._defaults[key]
+        return _layered(self._defaults, self._values)[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter({**self._defaults, **self._values})
+        return iter(_layered(self._defaults, self._values))
 
     def __len__(self) -> int:
-        return len({**self._defaults, **self._values})
+        return len(_layered(self._defaults, self._values))
 
     def given(self) -> dict[str, Any]:
         """The options that were given (not the defaults)."""
@@ -122,7 +120,7 @@ class FusionOptions(Mapping[str, Any]):
     # -- combining and building ------------------------------------------------------------------------
     def updated(self, values: Mapping[str, Any] | None, where: str | None = None) -> "FusionOptions":
         """These options with ``values`` on top (``values`` win), checked the same way."""
-        return FusionOptions({**self._values, **dict(values or {})}, defaults=self._defaults,
+        return FusionOptions(_layered(self._values, dict(values or {})), defaults=self._defaults,
                              where=where or self.where)
 
     def build(self, input_dims: Sequence[int], dim: int | None = None, **shape_defaults: Any):
@@ -134,3 +132,14 @@ class FusionOptions(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"FusionOptions({self._values!r}, defaults={self._defaults!r})"
+
+
+def _layered(lower: Mapping[str, Any], upper: Mapping[str, Any]) -> dict[str, Any]:
+    """``upper`` over ``lower``; ``norm_options`` belong to the norm of their layer: an upper layer that picks
+    another norm without options of its own does not inherit the lower one's (``-o norm=none`` over a plugin's
+    contractive norm with a gain bound needs no ``-o "norm_options={}"``)."""
+    merged = {**lower, **upper}
+    if ("norm" in upper and "norm_options" not in upper and upper["norm"] != lower.get("norm")
+            and "norm_options" in lower):
+        del merged["norm_options"]
+    return merged

@@ -141,9 +141,12 @@ def test_deq_fusion_defaults_from_the_command_line_and_bad_options():
         off = factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "mm_dim": 8, "num_groups": 2,
                        "norm": "none", "norm_options": {}})
         assert (off.deq.norm, off.deq.norm_options) == (None, {})     # the options file undoes it
+        bare = factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "mm_dim": 8, "num_groups": 2,
+                        "norm": "none"})          # another norm: the default's gain bound goes with it
+        assert (bare.deq.norm, bare.deq.norm_options) == (None, {})
         with pytest.raises(ValueError, match="norm_options: given without a norm"):
             factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "mm_dim": 8, "num_groups": 2,
-                     "norm": "none"})                 # the default max_gain stays unless undone too: said, not hidden
+                     "norm": "none", "norm_options": {"max_gain": 0.2}})    # options of one's own: said, not hidden
         fusion = factory({"type": "deq", "input_dims": [8, 12], "output_dim": 3, "mm_dim": 8, "num_groups": 2,
                           "f_max_iter": 3})
         assert fusion.deq.f_max_iter == 3                 # the options file wins over the command line

@@ -606,3 +606,21 @@ def test_norm_none_string_turns_an_integration_default_off():
     fusion = FusionOptions({"norm": "none"}, defaults={"norm": "contractive"}).build([4, 4], 4, num_groups=2)
     plain = DEQFusion([4, 4], 4, num_groups=2)
     assert fusion.norm is None and set(fusion.state_dict()) == set(plain.state_dict())
+
+
+def test_norm_options_belong_to_the_norm_of_their_layer():
+    """A layer that picks another norm without options does not inherit the lower layer's norm_options; the same
+    norm keeps them; options given with the new norm are its own."""
+    from deqfusion_core.options import FusionOptions
+
+    defaults = {"norm": "contractive", "norm_options": {"max_gain": 0.15}}
+    off = FusionOptions({"norm": "none"}, defaults=defaults)
+    assert "norm_options" not in off and off.build([4, 4], 4, num_groups=2).norm is None
+    same = FusionOptions({"norm": "contractive"}, defaults=defaults)
+    assert same["norm_options"] == {"max_gain": 0.15}
+    assert FusionOptions(defaults).updated({"norm": "weight"})["norm"] == "weight"
+    assert "norm_options" not in FusionOptions(defaults).updated({"norm": "weight"})
+    assert FusionOptions(defaults).updated({"f_max_iter": 3})["norm_options"] == {"max_gain": 0.15}
+    with pytest.raises(ValueError, match="norm_options"):
+        FusionOptions({"norm": "none", "norm_options": {"max_gain": 0.2}}, defaults=defaults).build([4, 4], 4,
+                                                                                                   num_groups=2)

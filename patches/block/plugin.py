@@ -38,8 +38,8 @@ BLOCK_ONLY_KEYS = ("rank", "chunks", "shared", "normalize", "dropout_pre_lin", "
 SHAPE_KEYS = ("input_dims", "output_dim", "mm_dim", "dropout_input", "dropout_output")
 # ours, not the paper's: the contractive norm with GroupNorm gains bounded by 0.15. Without it 0-7% of the training
 # solves converged (last quarter) on seeds 1-3; with the norm's default bound 0.25, 0-100%; 0.2, 13-100%; 0.15, 100%
-# on all three (benchmarks/results/recipe_convergence). Undone by `-o norm=none -o "norm_options={}"` (or both keys in
-# the fusion's options): a norm other than contractive takes no max_gain.
+# on all three (benchmarks/results/recipe_convergence). Undone by `-o norm=none` (another norm drops the default's
+# norm_options, deqfusion_core.options).
 CONVERGENCE = {"norm": "contractive", "norm_options": {"max_gain": 0.15}}
 
 
