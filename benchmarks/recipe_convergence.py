@@ -98,9 +98,22 @@ def multibench(data_kind: str):
     return recipe
 
 
+def mmdynamics(tmp: Path, epochs: int, seed: int = 1):
+    root = os.environ.get("DEQFUSION_MMDYNAMICS_ROOT")
+    if not root:
+        raise SystemExit("DEQFUSION_MMDYNAMICS_ROOT is unset")
+    # the DEQ arm of the ROSMAP study (benchmarks/results/rosmap/summary.md: its command, --fusion deq, fair protocol)
+    argv = ["--data-folder", str(SHARED / "data" / "rosmap"), "--epochs", str(epochs), "--eval-every", "10",
+            "--hidden", "100", "--fusion", "deq", "--protocol", "fair", "--seed", str(seed),
+            "--modelpath", str(tmp / "model"), "--quiet"]
+    return root, argv, {}, "ROSMAP (../shared/data/rosmap), the ROSMAP study's DEQ arm (fair protocol, hidden 100)"
+
+
 RECIPES = {"mcan": (mcan, 2), "cmbert": (cmbert, 3), "multibench-rosmap": (multibench("rosmap"), 20),
-           "multibench-mmimdb": (multibench("mmimdb"), 5)}
-INTEGRATION = {"mcan": "mcan", "cmbert": "cmbert", "multibench-rosmap": "multibench", "multibench-mmimdb": "multibench"}
+           "multibench-mmimdb": (multibench("mmimdb"), 5), "mmdynamics-rosmap": (mmdynamics, 200)}
+INTEGRATION = {"mcan": "mcan", "cmbert": "cmbert", "multibench-rosmap": "multibench", "multibench-mmimdb": "multibench",
+               "mmdynamics-rosmap": "mmdynamics"}
+SEEDED_BY_ARGV = {"mmdynamics-rosmap"}      # recipes whose upstream arguments carry the seed
 LOCATION_KEYS = ("glove", "audio", "workdir")      # options that only say where files are
 # the options a recipe's command gives over the integration's defaults (docs/recipes.md: `--jac-weight 0.1` for VQA-v2)
 COMMAND_OPTIONS = {"mcan": {"jac_weight": 0.1}}
@@ -139,9 +152,9 @@ class FusionProbe:
         if module.training:
             self.train_solves += 1
         elif self.diagnose and module.equilibrium:
-            self.diagnosis.append(self.measure(module, args[0], kwargs.get("present"), output[2]))
+            self.diagnosis.append(self.measure(module, args[0], kwargs.get("present"), output[2], kwargs.get("z0")))
 
-    def measure(self, module, xs, present, stats) -> dict:
+    def measure(self, module, xs, present, stats, z0=None) -> dict:
         import torch
 
         from deqfusion_core.contraction import spectral_radius
@@ -156,6 +169,8 @@ class FusionProbe:
             cap, module.f_max_iter_eval = module.f_max_iter_eval, DIAGNOSE_CAP
             try:
                 longer = module.solve(torch.zeros_like(stats.state), inj).rel_residuals
+                # the same start as the solve (a warm start: the previous evaluation's state of the split)
+                longer_warm = None if z0 is None else module.solve(z0.detach().to(stats.state), inj).rel_residuals
             finally:
                 module.f_max_iter_eval = cap
         frac = lambda r: float((r <= tol).float().mean())
@@ -167,7 +182,11 @@ class FusionProbe:
                 float(longer.max()), "rho_median": float(rho.median()), "rho_max": float(rho.max()),
                 "rho_ge1_fraction": float((rho >= 1).float().mean()),
                 "input_norm_median": norms.median(0).values.tolist(), "input_norm_at_rho_max": norms[worst].tolist(),
-                "rel_residual_at_rho_max": float(stats.rel_residuals[worst])}
+                "rel_residual_at_rho_max": float(stats.rel_residuals[worst]), "nstep": int(stats.nstep),
+                "max_iter": int(stats.max_iter), "warm_started": z0 is not None,
+                # the samples the solve left above the tolerance: their rho, and their residual at the longer cap
+                "rho_unconverged": rho[stats.rel_residuals > tol].tolist(),
+                f"max_rel_residual_warm_cap{DIAGNOSE_CAP}": None if longer_warm is None else float(longer_warm.max())}
 
 
 def worker(job_path: str) -> int:
@@ -183,16 +202,20 @@ def worker(job_path: str) -> int:
     upstream = integ.locate(job["root"])
     integ.apply(upstream, job["options"])
     resolved = {k: v for k, v in dict(integ.options).items() if k not in LOCATION_KEYS}
+    selected = None
     probe = FusionProbe(job.get("diagnose", False))
     start = time.perf_counter()
     with SolverRecorder() as recorder, probe:
         if hasattr(integ, "run_once"):          # CM-BERT: one run of run_classifier's main (its launcher runs 5)
             integ.run_once(upstream, job["argv"])
             code = 0
+        elif job["integration"] == "mmdynamics":   # its summary names the validation-selected epoch
+            selected = integ.run(job["argv"]).summary.get("val_selected", {}).get("epoch")
+            code = 0
         else:
             code = integ.launch(upstream, job["argv"])
     result = {"exit": code, "solver": recorder.summary(), "options": resolved, "built": probe.built,
-              "diagnosis": probe.diagnosis if probe.diagnose else None,
+              "diagnosis": probe.diagnosis if probe.diagnose else None, "selected_epoch": selected,
               "train_s": round(time.perf_counter() - start, 1)}
     Path(job["result"]).write_text(json.dumps(result, default=repr))
     return 0
@@ -216,7 +239,7 @@ def run(name: str, overrides: dict, epochs: int, threads: int, out: Path, comman
     recipe, _ = RECIPES[name]
     with tempfile.TemporaryDirectory(prefix=f"conv-{name}-") as tmp:
         tmp = Path(tmp)
-        root, argv, location, data_note = recipe(tmp, epochs)
+        root, argv, location, data_note = recipe(tmp, epochs, seed) if name in SEEDED_BY_ARGV else recipe(tmp, epochs)
         job = {"integration": INTEGRATION[name], "root": str(root), "argv": argv, "threads": threads,
                "options": {**location, **COMMAND_OPTIONS.get(name, {}), **overrides},
                "result": str(tmp / "result.json"), "diagnose": diagnose, "seed": seed}
@@ -241,7 +264,7 @@ def run(name: str, overrides: dict, epochs: int, threads: int, out: Path, comman
             "data": data_note, "upstream_argv": [a.replace(str(tmp), "$TMP") for a in argv],
             "upstream_exit": result["exit"], "command": command, "commit": commit(), "selected_by": "final",
             "val": None, "test": None, "solver": result["solver"], "built": result["built"],
-            "diagnosis": result["diagnosis"], "wall_s": wall, "train_s": result["train_s"],
+            "diagnosis": result["diagnosis"], "selected_epoch": result.get("selected_epoch"), "wall_s": wall, "train_s": result["train_s"],
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} torch thread(s)"}
 
 
