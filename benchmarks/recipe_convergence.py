@@ -13,16 +13,18 @@ NAME: ``mcan`` (MCAN's run.py, MCAN-small, generated VQA-v2 data in its layout; 
 or ../shared/upstreams/mcan-vqa), ``cmbert`` (run_classifier's main, one run: CMU-MOSI transcripts from
 ../shared/data/cmu_mosi_text, a tiny random BERT and generated audio; DEQFUSION_CMBERT_ROOT),
 ``multibench-rosmap`` and ``multibench-mmimdb`` (our MultiBench runner, MultiBench's own train(): ROSMAP from
-../shared/data/rosmap, MM-IMDB generated in its HDF5 layout), ``mutan`` (vqa.pytorch's train.py, MutanAtt;
-DEQFUSION_VQA_PYTORCH_ROOT) and ``block`` (block.bootstrap's runner, its VQA2 network with ``type: deq`` as its
-classifier fusion; the installed package), both on VQA-v2 generated in their layouts (integration_tests/vqa_data).
-Each runs with the integration's defaults as
+../shared/data/rosmap, MM-IMDB generated in its HDF5 layout), ``mmdynamics-rosmap`` (MM-Dynamics' train_test.train,
+the ROSMAP study's DEQ arm: fair protocol, hidden 100, evaluation every 10 epochs; DEQFUSION_MMDYNAMICS_ROOT),
+``mutan`` (vqa.pytorch's train.py, MutanAtt; DEQFUSION_VQA_PYTORCH_ROOT) and ``block`` (block.bootstrap's runner,
+its VQA2 network with ``type: deq`` as its classifier fusion; the installed package), both on VQA-v2 generated in
+their layouts (integration_tests/vqa_data). Each runs with the integration's defaults as
 shipped; ``--escalate``: while a run stays under 95% (training, last quarter, or evaluation), again with
 ``jac_term=diagonal``, then with ``norm=contractive`` too. ``--set KEY=VALUE`` (repeatable): run once with these
 fusion options over the integration's defaults (instead of the ladder). ``--diagnose``: after every evaluation
 solve, on its batch (no gradient, its own random generator, so training is unchanged): the spectral radius of
 df/dz at the solved state per sample (``contraction.spectral_radius``, 30 power iterations) and the residual
-after re-solving from zero with a cap of 400 (do more steps help?). Every run also records the options of the
+after re-solving from zero with a cap of 400 (do more steps help?), and from the solve's own start (a warm start);
+the same, in eval mode, after every training solve that did not converge (``diagnosis_train``). Every run also records the options of the
 DEQFusion as built (norm, Jacobian term, caps), whoever set them. Appends to ``runs.jsonl`` and rewrites
 ``summary.md`` from every run in it (default folder benchmarks/results/recipe_convergence/).
 """
@@ -129,11 +131,23 @@ def block(tmp: Path, epochs: int, seed: int):
     return None, ["-o", str(tmp / "options.yaml"), "--misc.seed", str(seed)], {}, note
 
 
+def mmdynamics(tmp: Path, epochs: int, seed: int):
+    root = os.environ.get("DEQFUSION_MMDYNAMICS_ROOT")
+    if not root:
+        raise SystemExit("DEQFUSION_MMDYNAMICS_ROOT is unset")
+    # the DEQ arm of the ROSMAP study (benchmarks/results/rosmap/summary.md: its command, --fusion deq, fair protocol)
+    argv = ["--data-folder", str(SHARED / "data" / "rosmap"), "--epochs", str(epochs), "--eval-every", "10",
+            "--hidden", "100", "--fusion", "deq", "--protocol", "fair", "--seed", str(seed),
+            "--modelpath", str(tmp / "model"), "--quiet"]
+    return root, argv, {}, "ROSMAP (../shared/data/rosmap), the ROSMAP study's DEQ arm (fair protocol, hidden 100)"
+
+
 VQA_PER_IMAGE = 12      # questions per generated image (8 train / 4 val images)
 RECIPES = {"mcan": (mcan, 2), "cmbert": (cmbert, 3), "multibench-rosmap": (multibench("rosmap"), 20),
-           "multibench-mmimdb": (multibench("mmimdb"), 5), "mutan": (mutan, 6), "block": (block, 6)}
+           "multibench-mmimdb": (multibench("mmimdb"), 5), "mmdynamics-rosmap": (mmdynamics, 200),
+           "mutan": (mutan, 6), "block": (block, 6)}
 INTEGRATION = {"mcan": "mcan", "cmbert": "cmbert", "multibench-rosmap": "multibench", "multibench-mmimdb": "multibench",
-               "mutan": "mutan", "block": "block"}
+               "mmdynamics-rosmap": "mmdynamics", "mutan": "mutan", "block": "block"}
 LOCATION_KEYS = ("glove", "audio", "workdir")      # options that only say where files are
 # the options a recipe's command gives over the integration's defaults (docs/recipes.md: `--jac-weight 0.1` for VQA-v2)
 COMMAND_OPTIONS = {"mcan": {"jac_weight": 0.1}, "mutan": {"jac_weight": 0.1}, "block": {"jac_weight": 0.1}}
@@ -151,6 +165,7 @@ class FusionProbe:
 
     def __init__(self, diagnose: bool):
         self.diagnose, self.built, self.diagnosis, self.train_solves = diagnose, None, [], 0
+        self.diagnosis_train = []       # the training solves that did not converge, measured the same way
         self._handle = None
 
     def __enter__(self):
@@ -171,10 +186,18 @@ class FusionProbe:
             self.built = {k: getattr(module, k) for k in BUILT}
         if module.training:
             self.train_solves += 1
+            if self.diagnose and module.equilibrium and not output[2].converged:
+                # a training solve that missed: measured in eval mode (the normalisers' state does not advance)
+                module.eval()
+                try:
+                    self.diagnosis_train.append(self.measure(module, args[0], kwargs.get("present"), output[2],
+                                                             kwargs.get("z0")))
+                finally:
+                    module.train()
         elif self.diagnose and module.equilibrium:
-            self.diagnosis.append(self.measure(module, args[0], kwargs.get("present"), output[2]))
+            self.diagnosis.append(self.measure(module, args[0], kwargs.get("present"), output[2], kwargs.get("z0")))
 
-    def measure(self, module, xs, present, stats) -> dict:
+    def measure(self, module, xs, present, stats, z0=None) -> dict:
         import torch
 
         from deqfusion_core.contraction import spectral_radius
@@ -189,6 +212,8 @@ class FusionProbe:
             cap, module.f_max_iter_eval = module.f_max_iter_eval, DIAGNOSE_CAP
             try:
                 longer = module.solve(torch.zeros_like(stats.state), inj).rel_residuals
+                # the same start as the solve (a warm start: the previous evaluation's state of the split)
+                longer_warm = None if z0 is None else module.solve(z0.detach().to(stats.state), inj).rel_residuals
             finally:
                 module.f_max_iter_eval = cap
         frac = lambda r: float((r <= tol).float().mean())
@@ -200,7 +225,11 @@ class FusionProbe:
                 float(longer.max()), "rho_median": float(rho.median()), "rho_max": float(rho.max()),
                 "rho_ge1_fraction": float((rho >= 1).float().mean()),
                 "input_norm_median": norms.median(0).values.tolist(), "input_norm_at_rho_max": norms[worst].tolist(),
-                "rel_residual_at_rho_max": float(stats.rel_residuals[worst])}
+                "rel_residual_at_rho_max": float(stats.rel_residuals[worst]), "nstep": int(stats.nstep),
+                "max_iter": int(stats.max_iter), "warm_started": z0 is not None,
+                # the samples the solve left above the tolerance: their rho, and their residual at the longer cap
+                "rho_unconverged": rho[stats.rel_residuals > tol].tolist(),
+                f"max_rel_residual_warm_cap{DIAGNOSE_CAP}": None if longer_warm is None else float(longer_warm.max())}
 
 
 def worker(job_path: str) -> int:
@@ -216,16 +245,21 @@ def worker(job_path: str) -> int:
     upstream = integ.locate(job["root"])
     integ.apply(upstream, job["options"])
     resolved = {k: v for k, v in dict(integ.options).items() if k not in LOCATION_KEYS}
+    selected = None
     probe = FusionProbe(job.get("diagnose", False))
     start = time.perf_counter()
     with SolverRecorder() as recorder, probe:
         if hasattr(integ, "run_once"):          # CM-BERT: one run of run_classifier's main (its launcher runs 5)
             integ.run_once(upstream, job["argv"])
             code = 0
+        elif job["integration"] == "mmdynamics":   # its summary names the validation-selected epoch
+            selected = integ.run(job["argv"]).summary.get("val_selected", {}).get("epoch")
+            code = 0
         else:
             code = integ.launch(upstream, job["argv"])
     result = {"exit": code, "solver": recorder.summary(), "options": resolved, "built": probe.built,
-              "diagnosis": probe.diagnosis if probe.diagnose else None,
+              "diagnosis": probe.diagnosis if probe.diagnose else None, "selected_epoch": selected,
+              "diagnosis_train": probe.diagnosis_train if probe.diagnose else None,
               "train_s": round(time.perf_counter() - start, 1)}
     Path(job["result"]).write_text(json.dumps(result, default=repr))
     return 0
@@ -274,7 +308,8 @@ def run(name: str, overrides: dict, epochs: int, threads: int, out: Path, comman
             "data": data_note, "upstream_argv": [a.replace(str(tmp), "$TMP") for a in argv],
             "upstream_exit": result["exit"], "command": command, "commit": commit(), "selected_by": "final",
             "val": None, "test": None, "solver": result["solver"], "built": result["built"],
-            "diagnosis": result["diagnosis"], "wall_s": wall, "train_s": result["train_s"],
+            "diagnosis": result["diagnosis"], "diagnosis_train": result.get("diagnosis_train"),
+            "selected_epoch": result.get("selected_epoch"), "wall_s": wall, "train_s": result["train_s"],
             "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} torch thread(s)"}
 
 
@@ -342,6 +377,24 @@ def write_summary(out: Path) -> None:
             lines.append(f"| {i} | {r['recipe']} | {over} | {len(d)} | {one(d[0])} | {one(d[-1])} | "
                          f"{pct(sum(x['converged'] for x in d) / len(d))} / {pct(longer)}, {100 * ge1:.2f}%, "
                          f"{max(x['rho_max'] for x in d):.2f} |")
+    missed = [(i, r) for i, r in enumerate(records, 1) if r.get("diagnosis_train")]
+    if missed:
+        lines += ["", f"Training solves that did not converge (`--diagnose`), measured after the solve in eval mode: "
+                  f"rho of the rows it left above the tolerance, and re-solves with a cap of {DIAGNOSE_CAP} from zero "
+                  "and from the solve's own start.", "",
+                  "| run (row above) | recipe | settings | missed training solves (at solve no.) | rho of the rows "
+                  f"left: min / max | converged at {DIAGNOSE_CAP}: from zero / from its start |",
+                  "|---|---|---|---|---|---|"]
+        for i, r in missed:
+            d, tol = r["diagnosis_train"], r["solver"]["tol"]
+            rows = [x for m in d for x in m["rho_unconverged"]]
+            warm = [m[f"max_rel_residual_warm_cap{DIAGNOSE_CAP}"] for m in d]
+            over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(as shipped)"
+            lines.append(f"| {i} | {r['recipe']} | {over} | {len(d)} ({', '.join(str(m['after_train_solves']) for m in d)} "
+                         f"of {r['solver']['train_solves']}) | {min(rows, default=float('nan')):.2f} / "
+                         f"{max(rows, default=float('nan')):.2f} | "
+                         f"{sum(m[f'max_rel_residual_cap{DIAGNOSE_CAP}'] <= tol for m in d)}/{len(d)} / "
+                         f"{sum(w is not None and w <= tol for w in warm)}/{sum(w is not None for w in warm)} |")
     lines += ["", "Data and commands:", ""]
     seen = set()
     for r in records:

@@ -32,6 +32,17 @@ def test_compare_mmdynamics_smoke(tmp_path):
     diff = runs["deq"]["differs_from_baseline"]
     assert "model.fusion.type" in diff and all(k.startswith("model.fusion.") for k in diff), diff
     assert runs["deq"]["solver"]["train_solves"] == 4                   # epochs 0..3, full batch
+    # the DEQ's solve of each split at each evaluation (and the final one's two: the recorder's count), and at the
+    # evaluations selected; nothing of the kind for the concatenation
+    info, solver = runs["deq"]["info"], runs["deq"]["solver"]
+    solves = info["eval_solves"]
+    assert [e["epoch"] for e in solves] == [0, 1, 2, 3] and 2 * len(solves) + 2 == solver["eval_solves"]
+    assert max(e[s]["rel_residual"] for e in solves for s in ("test", "val")) <= solver["max_rel_residual_eval"]
+    assert all(e[s]["converged"] == (e[s]["rel_residual"] <= solver["tol"]) for e in solves for s in ("test", "val"))
+    for name, at in (("val", runs["deq"]["selected_at"]), ("test", runs["deq"]["also_selected_by"]["test"]["at"])):
+        chosen = next(e for e in solves if f"epoch {e['epoch']}" == at)
+        assert info["eval_solves_at_selected"][name] == {k: v for k, v in chosen.items() if k != "epoch"}
+    assert "eval_solves" not in runs["baseline"]["info"]
     for r in runs.values():
         assert r["study"] == "rosmap" and r["selected_by"] == "val"
         assert set(r["also_selected_by"]) == {"final", "test"}          # the authors' test selection, beside

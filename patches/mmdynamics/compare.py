@@ -191,5 +191,10 @@ class MMDynamicsComparison(Comparison):
                                        at=f"epoch {tested['epoch']}",
                                        criterion=f"test split: {protocol.CRITERION} (optimistic: the test split "
                                                  f"picks the epoch)")
-        return RunOutcome(selections, [], {"epochs": final["epoch"], "evaluations": len(history),
-                                           "epoch_time_s": run.summary["epoch_time_s"]})
+        info = {"epochs": final["epoch"], "evaluations": len(history), "epoch_time_s": run.summary["epoch_time_s"]}
+        if any("solver" in r for r in history):
+            # the DEQ's solve of each split at each evaluation, and at the evaluations the criteria selected
+            info["eval_solves"] = [{"epoch": r["epoch"], **r["solver"]} for r in history]
+            picked = {"val": chosen, "test": tested} if args.protocol == "fair" else {"test": tested}
+            info["eval_solves_at_selected"] = {name: r.get("solver") for name, r in picked.items()}
+        return RunOutcome(selections, [], info)

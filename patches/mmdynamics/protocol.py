@@ -250,6 +250,9 @@ def patch_script(patches: Patches, train_test, run: Run, on_evaluation=None) -> 
             if not run.history or select(run.history + [record], "val") is record:   # the first best, as select
                 run.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 run.best_epoch = epoch
+        solves = evaluation_solves(run, model)
+        if solves:
+            record["solver"] = solves
         run.history.append(record)
         report_solver(run, model, epoch)
         if on_evaluation is not None:
@@ -263,6 +266,17 @@ def patch_script(patches: Patches, train_test, run: Run, on_evaluation=None) -> 
                         ("test_epoch", test_epoch), ("print", run.print), ("_deqfusion_option", option),
                         ("train", transformed_train(train_test))):
         patches.set(train_test, name, value)
+
+
+def evaluation_solves(run: Run, model) -> dict:
+    """The DEQ head's latest solve of each evaluated split (``test``, ``val``): converged, relative residual,
+    steps ({} for the concatenation)."""
+    head = getattr(model, "MMClasifier", None)
+    if not isinstance(head, DEQHead):
+        return {}
+    named = ((run.split_keys.get(key), stats) for key, stats in head.split_solves.items())
+    return {name: {"converged": bool(stats.converged), "rel_residual": float(stats.rel_residual),
+                   "nstep": int(stats.nstep)} for name, stats in named if name in ("test", "val")}
 
 
 def report_solver(run: Run, model, epoch: int) -> None:
