@@ -19,6 +19,7 @@ import json
 import statistics
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,7 +69,6 @@ def measure(params: dict, dims, kinds, dim: int, seed: int, batch: int = 64) -> 
     model = DEQFusion(dims, dim, spectral_radius_iters=30, **keep).eval()
     act = {"relu": torch.relu, "tanh": torch.tanh, "none": lambda t: t}
     xs = [act[k](torch.randn(batch, d)) for d, k in zip(dims, kinds)]
-    import warnings
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         stats = model(xs)[-1]

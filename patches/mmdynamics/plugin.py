@@ -16,7 +16,6 @@ from deqfusion_compat import mmdynamics  # noqa: F401 - registers mmdynamics' sh
 from deqfusion_core import hookimpl
 from deqfusion_core.compat import apply_shims
 from deqfusion_core.integration import Integration
-from deqfusion_core.options import FusionOptions
 from deqfusion_core.process import import_isolated
 
 from . import protocol
@@ -29,15 +28,6 @@ class MmdynamicsIntegration(Integration):
     env_var, marker, repository = "DEQFUSION_MMDYNAMICS_ROOT", "train_test.py", "TencentAILabHealthcare/mmdynamics"
     option_defaults = {"jac_weight": PAPER["jac_weight"], **CONVERGENCE}
     compat = ("deqfusion_compat.mmdynamics",)
-
-    def fusion_options(self, options=None) -> FusionOptions:
-        """The defaults' ``norm_options`` (the contractive norm's gain bound) only with the default norm: another
-        ``norm`` given (``-o norm=none``) takes no such option."""
-        given = options.given() if isinstance(options, FusionOptions) else dict(options or {})
-        defaults = dict(self.option_defaults)
-        if given.get("norm") not in (None, CONVERGENCE["norm"]):
-            defaults.pop("norm_options")
-        return FusionOptions.coerce(given, defaults=defaults, where=f"{self.name} option")
 
     def install(self, upstream, options):
         self.root = upstream.require().root
