@@ -31,9 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["GroupNorm", "group_norm", "block", "ModalityBlock", "FuseBlock", "Injection", "BlockParams", "FusionMap",
-           "RowMap", "GateTrace", "BATCHED_MAX", "X_FUSE"]
+           "RowMap", "GateTrace", "BATCHED_MAX", "X_FUSE", "GATINGS"]
 
 X_FUSE = ("weighted_sum", "linear")   # the ways to compute x_fuse (FusionMap's ``x_fuse``)
+# FusionMap's ``gating``: True / "linear" is Eq. 9 (alpha_i = W_a (z_fuse + z_i) + b_a, unbounded); "sigmoid" (ours)
+# is sigma(Eq. 9), a gate in (0, 1); False: no gate (Table 6 ablation, z'_i = z_i).
+GATINGS = {True: "linear", "linear": "linear", "sigmoid": "sigmoid", False: None}
 
 
 # At most this many [rows x dim] entries per modality, f runs the N modality blocks as batched [N, b, dim] ops
@@ -120,15 +123,27 @@ def _total(zs, z=None, alpha=1):
 class FuseBlock(nn.Module):
     """f_fuse (Eq. 9-11): purify z_fuse with a soft gate per modality, combine, inject x_fuse.
 
-    The gate is one Linear shared by the modalities, so sum_i alpha_i * z_fuse equals
-    z_fuse * (W_a (N z_fuse + sum_i z_i) + N b_a): one matrix product instead of N.
+    The gate is one Linear shared by the modalities, so with the paper's linear gate (``gating="linear"``)
+    sum_i alpha_i * z_fuse equals z_fuse * (W_a (N z_fuse + sum_i z_i) + N b_a): one matrix product instead of N.
+    ``gating="sigmoid"`` (ours): alpha_i = sigmoid(W_a (z_fuse + z_i) + b_a), bounded in (0, 1), computed per
+    modality. ``gating=None``: no gate.
     """
 
-    def __init__(self, dim: int, num_groups: int, gating: bool = True):
+    def __init__(self, dim: int, num_groups: int, gating: str | None = "linear"):
         super().__init__()
+        self.gating = gating
         self.gate = nn.Linear(dim, dim) if gating else None
         self.fuse = nn.Linear(dim, dim)
         self.gn = GroupNorm(num_groups, dim)
+
+    def _sigmoid_gates(self, z_fuse, zs, present):
+        """sum_i sigmoid(W_a (z_fuse + z_i) + b_a) over the (present) modalities [b, d], and the gates [N, b, d]."""
+        stacked = zs if isinstance(zs, torch.Tensor) else torch.stack(list(zs))
+        each = torch.sigmoid(torch.matmul(stacked, self.gate.weight.t())
+                             .add_(F.linear(z_fuse, self.gate.weight, self.gate.bias)))
+        if present is not None:
+            each = each * present.t()[:, :, None].to(each.dtype)
+        return each.sum(0), each
 
     def forward(self, z_fuse, zs, x_fuse, gate_mask=None, fuse_mask=None, gate_means=None, present=None,
                 x_fuse_biased=None, out=None):
@@ -136,8 +151,11 @@ class FuseBlock(nn.Module):
         the sum runs over the present modalities, whose states are the only nonzero ones (absent ones are
         zero), and N is their count per sample. ``x_fuse_biased``: x_fuse + the fuse Linear's bias, if the
         caller has it (saves one addition). ``out``: write the result there (no autograd)."""
+        each = None
         if self.gate is None:                       # Table 6 ablation: z'_i = z_i
             purified = _total(zs)
+        elif self.gating == "sigmoid":
+            gates, each = self._sigmoid_gates(z_fuse, zs, present)
         elif present is None:
             n = len(zs)
             gates = torch.addmm(n * self.gate.bias, _total(zs, z_fuse, n), self.gate.weight.t())
@@ -149,9 +167,12 @@ class FuseBlock(nn.Module):
                 gates = gates * gate_mask
             purified = z_fuse * gates
             if gate_means is not None:              # per-sample mean alpha_i per modality [b, N], for Fig. 3
-                w, b = self.gate.weight.mean(0), self.gate.bias.mean()
-                stacked = zs if isinstance(zs, torch.Tensor) else torch.stack(list(zs))
-                means = ((z_fuse + stacked) @ w + b).t().detach().float()
+                if each is not None:
+                    means = each.mean(-1).t().detach().float()
+                else:
+                    w, b = self.gate.weight.mean(0), self.gate.bias.mean()
+                    stacked = zs if isinstance(zs, torch.Tensor) else torch.stack(list(zs))
+                    means = ((z_fuse + stacked) @ w + b).t().detach().float()
                 gate_means.append(means if present is None else means.masked_fill(~present, float("nan")))
         if fuse_mask is None:
             if x_fuse_biased is None:
@@ -213,6 +234,8 @@ class FusionMap(nn.Module):
             fixed over solver steps so that the fixed point is well defined).
         modality_blocks, fuse_block, gating: the paper's ablations (Tables 5-7): ``modality_blocks=False``:
             z_i = x_i; ``fuse_block=False``: z_fuse = sum_i z_i; ``gating=False``: z'_i = z_i.
+            ``gating``: True or "linear" (Eq. 9, the paper's), "sigmoid" (ours: the gate of Eq. 9 through a
+            sigmoid, bounded in (0, 1)), or False.
         x_fuse: how the injected fused feature is computed. ``"weighted_sum"`` (Eq. 12, the paper's): a learned
             scalar w_i per modality. ``"linear"`` (ours): sum_i W_i x_i + b with a [dim, dim] matrix per modality,
             so that x_fuse alone is a learned linear fusion (the paper leaves this open: "our approach is
@@ -222,7 +245,7 @@ class FusionMap(nn.Module):
     """
 
     def __init__(self, input_dims: Sequence[int], dim: int | None = None, *, num_groups: int = 4,
-                 dropout: float = 0.0, modality_blocks: bool = True, fuse_block: bool = True, gating: bool = True,
+                 dropout: float = 0.0, modality_blocks: bool = True, fuse_block: bool = True, gating: bool | str = True,
                  x_fuse: str = "weighted_sum"):
         super().__init__()
         if isinstance(input_dims, int) or not all(isinstance(d, int) and d > 0 for d in input_dims):
@@ -242,13 +265,16 @@ class FusionMap(nn.Module):
             raise ValueError(f"dropout: must be in [0, 1), got {dropout!r}")
         if x_fuse not in X_FUSE:
             raise ValueError(f"x_fuse: one of {', '.join(map(repr, X_FUSE))}, got {x_fuse!r}")
+        if not isinstance(gating, (bool, str)) or gating not in GATINGS:
+            raise ValueError(f"gating: True, False, 'linear' or 'sigmoid', got {gating!r}")
+        gating = GATINGS[gating]
         self.input_dims, self.dim, self.num_modalities = input_dims, dim, len(input_dims)
         self.num_groups, self.dropout = num_groups, dropout
         self.modality_blocks, self.fuse_block, self.gating = modality_blocks, fuse_block, gating
 
         self.proj = nn.ModuleList(nn.Identity() if d == dim else nn.Linear(d, dim) for d in input_dims)
         self.blocks = nn.ModuleList(ModalityBlock(dim, num_groups) for _ in input_dims) if modality_blocks else None
-        self.fusion = FuseBlock(dim, num_groups, gating) if fuse_block else None
+        self.fusion = FuseBlock(dim, num_groups, gating) if fuse_block else None   # gating: "linear", "sigmoid", None
         self.x_fuse = x_fuse
         if x_fuse == "weighted_sum":
             self.weights = nn.Parameter(torch.ones(len(input_dims)))   # w_i of x_fuse (Eq. 12)

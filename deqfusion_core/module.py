@@ -145,7 +145,7 @@ class DEQFusion(FusionMap):
 
     def __init__(self, input_dims: Sequence[int], dim: int | None = None, *, num_groups: int = 4,
                  dropout: float = 0.0, modality_blocks: bool = True, fuse_block: bool = True,
-                 gating: bool = True, x_fuse: str = "weighted_sum", equilibrium: bool = True, num_layers: int = 1,
+                 gating: bool | str = True, x_fuse: str = "weighted_sum", equilibrium: bool = True, num_layers: int = 1,
                  solver: str = "anderson", f_max_iter: int = 40, f_tol: float = 1e-2, f_stop: str = "rel",
                  solver_options: dict | None = None, backward: str = "implicit", b_solver: str | None = None,
                  b_max_iter: int = 10, b_tol: float = 1e-3, b_solver_options: dict | None = None,

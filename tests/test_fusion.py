@@ -132,6 +132,32 @@ def test_shared_gate_shortcut_equals_per_modality_gates():
     torch.testing.assert_close(fb(z_fuse, zs, x_fuse), explicit)
 
 
+def test_sigmoid_gate_is_sigma_of_eq9_per_modality_and_bounded():
+    m = model(torch.float32, gating="sigmoid", track_gates=True)
+    g = torch.Generator().manual_seed(3)
+    z_fuse, zs, x_fuse = torch.randn(4, 8, generator=g), [torch.randn(4, 8, generator=g) for _ in range(3)], torch.randn(4, 8, generator=g)
+    fb = m.fusion
+    explicit = fb.gn(F.relu(fb.fuse(sum(torch.sigmoid(fb.gate(z_fuse + z)) * z_fuse for z in zs)) + x_fuse))
+    torch.testing.assert_close(fb(z_fuse, zs, x_fuse), explicit)
+    torch.testing.assert_close(fb(z_fuse, torch.stack(zs), x_fuse), explicit)
+    gates = m(inputs(DIMS)).stats.gates
+    assert ((gates > 0) & (gates < 1)).all()
+
+
+def test_sigmoid_gate_implicit_gradient_matches_finite_differences():
+    m = model(gating="sigmoid").train()
+    xs = inputs([6, 8, 5], batch=2, dtype=torch.float64, requires_grad=True)
+    out = m(xs)
+    assert out.stats.converged
+    assert torch.autograd.gradcheck(lambda a, b, c: m([a, b, c]).fused, tuple(xs), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["tanh", 1, None])
+def test_bad_gating_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="gating"):
+        DEQFusion(DIMS, dim=8, gating=bad)
+
+
 @pytest.mark.parametrize("shape", [(7, 12), (5, 12, 3)])
 def test_group_norm_equals_torch_group_norm_forward_and_backward(shape):
     from deqfusion_core.fusion_map import GroupNorm

@@ -79,6 +79,16 @@ def test_each_sample_equals_the_model_without_its_absent_modalities(mode):
         torch.testing.assert_close(out.fused[row:row + 1], ref, rtol=1e-9, atol=1e-10)
 
 
+def test_sigmoid_gate_sample_equals_the_model_without_its_absent_modalities():
+    m = model(gating="sigmoid").train()
+    xs = inputs(DIMS, batch=4, dtype=torch.float64)
+    out = m(xs, present=MASK)
+    assert out.stats.converged
+    for row, keep in [(0, [0, 1, 2]), (1, [0, 1]), (2, [1]), (3, [0])]:
+        ref = reduced(m, keep, gating="sigmoid").train()([xs[i][row:row + 1] for i in keep]).fused
+        torch.testing.assert_close(out.fused[row:row + 1], ref, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gradients_equal_the_model_without_the_absent_modality_and_are_zero_there(mode):
     m = model(**mode_kw(mode)).train()
