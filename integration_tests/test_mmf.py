@@ -54,9 +54,9 @@ def fresh_model(fusion):
     return model
 
 
-# the fusion gate's trained weight as the shipped DEQ configs store it (norm: contractive holds it as the spectral
-# norm's raw weight, deqfusion_core/norms.py)
-GATE_WEIGHT = "fusion.deq.fusion.gate.parametrizations.weight.original"
+# the combining Linear's trained weight (theta_fuse, Eq. 11; every shipped DEQ config has it, gated or not) as the
+# shipped DEQ configs store it (norm: contractive holds it as the spectral norm's raw weight, deqfusion_core/norms.py)
+FUSE_WEIGHT = "fusion.deq.fusion.fuse.parametrizations.weight.original"
 
 
 def assert_checkpoint_reloads(save_dir, fusion, key):
@@ -84,7 +84,7 @@ def test_deqfusion_run_mmf_with_deq(tmp_path):
     # solver statistics in MMF's log, with the cap given on deqfusion's command line
     assert re.search(r"deq solver \(update 2\): 2 solves, mean steps [0-9.]+/6, max rel residual", logs)
     assert re.search(r"deq solver \(evaluation\)", logs)
-    assert_checkpoint_reloads(save, "deq", GATE_WEIGHT)
+    assert_checkpoint_reloads(save, "deq", FUSE_WEIGHT)
 
 
 def test_plain_mmf_run_with_user_dir_and_builtin_fusion(tmp_path):

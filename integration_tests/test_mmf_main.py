@@ -92,9 +92,9 @@ print("reloaded", len(state))
 """
 
 
-# the fusion gate's trained weight as the shipped DEQ configs store it (norm: contractive holds it as the spectral
-# norm's raw weight, deqfusion_core/norms.py)
-GATE_WEIGHT = "fusion.deq.fusion.gate.parametrizations.weight.original"
+# the combining Linear's trained weight (theta_fuse, Eq. 11; every shipped DEQ config has it, gated or not) as the
+# shipped DEQ configs store it (norm: contractive holds it as the spectral norm's raw weight, deqfusion_core/norms.py)
+FUSE_WEIGHT = "fusion.deq.fusion.fuse.parametrizations.weight.original"
 
 
 def assert_reloads(save_dir, checkpoint, key, env=None):
@@ -135,7 +135,7 @@ def test_fusion_classifier_deq_with_mmf_trainer_through_upstream_path(tmp_path):
     assert_jacobian_in_total(logs, "easy_vqa")
     assert re.search(r"deq solver \(update 2\): 2 solves, mean steps [0-9.]+/6", logs)
     assert re.search(r"deq solver \(evaluation\)", logs) and re.search(r"test/easy_vqa/accuracy: [0-9.]+", logs)
-    assert_reloads(save, save / "models" / "model_4.ckpt", GATE_WEIGHT)
+    assert_reloads(save, save / "models" / "model_4.ckpt", FUSE_WEIGHT)
 
 
 def test_fusion_classifier_deq_with_lightning_trainer(tmp_path):
@@ -148,7 +148,7 @@ def test_fusion_classifier_deq_with_lightning_trainer(tmp_path):
     assert re.search(r"lightning_core\.loop_callback\s*: progress: 4/4, train/", logs), logs[-2000:]
     assert_jacobian_in_total(logs, "easy_vqa")
     assert re.search(r"deq solver \(update 4\)", logs) and re.search(r"val/easy_vqa/accuracy: [0-9.]+", logs)
-    assert_reloads(save, save / "models" / "model_step=4.ckpt", GATE_WEIGHT)
+    assert_reloads(save, save / "models" / "model_step=4.ckpt", FUSE_WEIGHT)
 
 
 # -- one of MMF's own baselines: concat_bert on hateful memes, MMF's recipe, one key apart -----------------------
@@ -242,5 +242,5 @@ def test_concat_bert_hateful_memes_recipe_one_key_apart(memes, tmp_path, arm):
     assert "(classifier): SplitFusion(" in logs and "(fusion): DEQFusionMMF(" in logs
     assert_jacobian_in_total(logs, "hateful_memes")
     assert re.search(r"fusion:\n\s+type: deq", composed)
-    assert_reloads(save, save / "models" / "model_4.ckpt", "classifier." + GATE_WEIGHT,
+    assert_reloads(save, save / "models" / "model_4.ckpt", "classifier." + FUSE_WEIGHT,
                    env={"HF_HOME": str(memes / "hf")})
