@@ -1,7 +1,7 @@
 """Every shipped MMF DEQ config builds an f that contracts at initialisation at the config's own shapes (rho of
 df/dz < 1 on every sample and the evaluation solve reaches its tolerance), measured the way
-benchmarks/init_contraction.py measures it; and without the config's norm the same f does not (the norm is
-what makes it hold, not the shapes)."""
+benchmarks/init_contraction.py measures it; and without the config's norm the same f does not (rho >= 1 on some
+sample; the norm is what makes it hold, not the shapes)."""
 import importlib.util
 from pathlib import Path
 
@@ -28,4 +28,6 @@ def test_shipped_config_contracts_at_initialisation(name):
     assert shipped["rho_max"] < 1 and shipped["converged"], shipped
     assert shipped["max_rel_residual"] <= params.get("f_tol", 1e-2)
     bare = ic.measure({**params, "norm": None, "f_max_iter_eval": 40}, dims, kinds, dim, seed=0, batch=16)
-    assert bare["rho_max"] >= 1 and not bare["converged"], bare
+    assert bare["rho_max"] >= 1, bare
+    if params.get("gating", True):   # without its gate (easy_vqa_deq.yaml) the bare f is non-contractive on some
+        assert not bare["converged"], bare   # samples (rho_max 1.11) yet its solve still reaches 1e-2 in 40 steps
