@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 if importlib.util.find_spec("mmf") is None or importlib.util.find_spec("easy_vqa") is None:
     pytest.skip("MMF or easy-vqa is not installed (./install.sh mmf)", allow_module_level=True)
 
 DEQFUSION = str(Path(sys.executable).parent / "deqfusion")
+EXPERIMENTS = Path(__file__).parents[1] / "adapters" / "mmf" / "configs" / "experiments"
 FUSION_KEYS = ("model_config.fusion_classifier.fusion.", "model_config.fusion_classifier.track_gates")
 
 
@@ -65,6 +67,25 @@ def test_compare_mmf_refuses_arms_that_differ_beyond_the_fusion(tmp_path):
     assert "training.max_grad_l2_norm: baseline null, deq 30" in proc.stderr
     assert "training.clip_gradients: baseline false, deq true" in proc.stderr
     assert not (tmp_path / "runs.jsonl").exists()
+
+
+def test_compare_mmf_fusion_option_missing_from_the_packaged_params(tmp_path):
+    """-o with a DEQFusion keyword easy_vqa_deq.yaml does not list (MMF's own command line refuses such a key):
+    the deq arm's DEQFusion solves with it (its solver statistics say so), the result files show it as a fusion
+    key; an unknown keyword is refused, named, before anything runs."""
+    params = yaml.safe_load((EXPERIMENTS / "easy_vqa_deq.yaml").read_text())["model_config"]["fusion_classifier"]
+    assert "f_stop" not in params["fusion"]["params"]
+    proc = compare("--seeds", "1", "--smoke", "--out", str(tmp_path), "-o", "f_stop=abs")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {r["arm"]: r for r in map(json.loads, (tmp_path / "runs.jsonl").read_text().splitlines())}
+    key = "model_config.fusion_classifier.fusion.params.f_stop"
+    assert runs["deq"]["solver"]["stop"] == "abs" and runs["deq"]["solver"]["train_solves"] >= 4
+    assert key in runs["deq"]["differs_from_baseline"] and "-o f_stop=abs" in runs["deq"]["command"]
+    diff = {d["key"]: d for d in json.loads((tmp_path / "summary.json").read_text())["differences"]["deq"]}
+    assert diff[key]["deq"] == "abs" and diff[key]["baseline"] == "<missing>"
+    bad = compare("--seeds", "1", "--smoke", "--out", str(tmp_path / "bad"), "-o", "f_stopp=abs")
+    assert bad.returncode == 2 and "mmf option 'f_stopp': unknown; DEQFusion takes" in bad.stderr
+    assert not (tmp_path / "bad" / "runs.jsonl").exists()
 
 
 def test_compare_mmf_unknown_fusion_names_the_key(tmp_path):

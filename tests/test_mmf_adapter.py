@@ -127,6 +127,68 @@ def test_deq_attaches_jacobian_when_model_does_not_report_it():
     assert not torch.allclose(grads[0], grads[1])
 
 
+@pytest.fixture
+def deq_registered_plain():
+    """Tests that register `deq` with command-line options leave it registered without any."""
+    yield
+    register({})
+
+
+def test_command_line_options_layer_over_fusion_params(deq_registered_plain):
+    """The params a `deq` registered with command-line options is built with, as ``params_with_options`` reports
+    them (a compare run's recorded configuration): keys the config lacks are added, None means DEQFusion's
+    default, a norm picked over the config's drops the config's norm_options."""
+    from deqfusion_adapters.mmf.fusion import params_with_options, register_fusions
+    from deqfusion_core.options import OptionError
+
+    params = {"num_groups": 2, "f_tol": 1e-3, "norm": "contractive", "norm_options": {"max_gain": 0.25},
+              "f_max_iter_eval": None}
+    options = {"solver": "broyden", "f_stop": "abs", "f_tol": None, "norm": "none", "gating": False}
+    assert params_with_options(params, options) == {
+        "num_groups": 2, "f_tol": None, "norm": "none", "f_max_iter_eval": None, "solver": "broyden",
+        "f_stop": "abs", "gating": False}
+    fusion = register_fusions(options)["deq"]([8, 8], 8, **params)
+    solve = fusion.deq.forward_solve
+    assert (solve.solver, solve.stop, solve.tol) == ("broyden", "abs", 1e-2)   # f_tol=None: DEQFusion's 1e-2
+    assert fusion.deq.norm is None and fusion.deq.gating is False
+    with pytest.raises(OptionError, match="command-line fusion option 'bogus': unknown"):
+        params_with_options(params, {"bogus": 1})
+    with pytest.raises(OptionError, match="fusion.params 'bogus': unknown"):
+        params_with_options({"bogus": 1}, {})
+
+
+def test_compare_carries_fusion_options_missing_from_the_packaged_params(deq_registered_plain, tmp_path):
+    """`compare mmf -o KEY=VALUE` with a DEQFusion keyword easy_vqa_deq.yaml does not list: not an MMF override
+    (MMF refuses keys its config lacks) but the arm's --deq-option; the effective configuration (real MMF
+    Configuration) shows it in fusion.params, and the `deq` it registered builds with it."""
+    import yaml
+    from mmf.common.registry import registry
+
+    from deqfusion_adapters.mmf.compare import EXPERIMENTS, MMFComparison
+    from deqfusion_core.compare import Arm
+
+    packaged = yaml.safe_load((EXPERIMENTS / "easy_vqa_deq.yaml").read_text())
+    assert not {"solver", "f_stop"} & set(packaged["model_config"]["fusion_classifier"]["fusion"]["params"])
+    c = MMFComparison()
+    options = {"solver": "broyden", "f_stop": "abs", "f_max_iter": 7}
+    argv = c.argv(Arm("deq", "deq", True), 1, options, c.smoke_args([]), tmp_path)
+    assert not any(a.startswith("model_config.fusion_classifier.fusion.params") for a in argv)
+    params = c.effective_config(None, argv)["model_config"]["fusion_classifier"]["fusion"]["params"]
+    assert {k: params[k] for k in options} == options and params["jac_term"] == "diagonal"   # the yaml's stay
+    fusion = registry.mapping["fusion_name_mapping"]["deq"]([8, 8], 8, num_groups=2)
+    assert (fusion.deq.forward_solve.solver, fusion.deq.forward_solve.stop) == ("broyden", "abs")
+    assert fusion.deq.forward_solve.max_iter == 7
+    # the baseline arm registers `deq` without them
+    baseline = c.effective_config(None, c.argv(Arm("baseline", "linear_sum", False), 1, {}, [], tmp_path))
+    assert baseline["model_config"]["fusion_classifier"]["fusion"]["type"] == "linear_sum"
+    assert registry.mapping["fusion_name_mapping"]["deq"].command_line == {}
+    with pytest.raises(ValueError, match="fusion 'deq'; the fusion under test is 'block'"):
+        c.argv(Arm("block", "block", True), 1, options, [], tmp_path)
+    linear = [a if not a.startswith("config=") else f"config={EXPERIMENTS / 'easy_vqa_linear_sum.yaml'}" for a in argv]
+    with pytest.raises(KeyError, match="'linear_sum' takes no DEQFusion options"):
+        c.effective_config(None, linear)
+
+
 @pytest.mark.parametrize("cfg,match", [
     (None, "fusion: missing"),
     ({"params": {}}, r"fusion\.type: missing"),

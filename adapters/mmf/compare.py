@@ -5,13 +5,20 @@ Arms: ``deq`` trains the packaged ``<dataset>_deq.yaml``; a baseline fusion trai
 when one is packaged (``linear_sum``), else ``<dataset>_common.yaml`` with ``fusion.type`` set to it (its
 params: MMF's defaults). Selections: ``val``, MMF's own (the best checkpoint by ``training.early_stop.criteria``
 on validation, which MMF restores before its test inference), and ``final`` (the last update).
+
+Fusion options (``-o KEY=VALUE``, ``--f-tol``, ...) reach the `deq` fusion the way ``deqfusion run mmf`` gives them:
+carried in the arm's arguments (``--deq-option``), taken out in the worker and registered with `deq`
+(:func:`~deqfusion_adapters.mmf.fusion.register_fusions`), which layers them over ``fusion.params``. MMF's own
+command line cannot carry them: its ``_merge_with_dotlist`` refuses a key the merged config lacks, so a DEQFusion
+keyword that the packaged params leave out could not be set. The effective configuration shows them in
+``fusion.params``, as the fusion is built with them.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
 
-from deqfusion_core.compare import Comparison, RunOutcome, Selection
+from deqfusion_core.compare import Comparison, RunOutcome, Selection, deq_option_args, split_deq_options
 
 from . import CONFIG_DIR
 
@@ -61,8 +68,11 @@ class MMFComparison(Comparison):
         else:
             raise ValueError(f"dataset={dataset}: deqfusion packages no {common.name} (experiments: "
                              f"{', '.join(sorted(p.stem for p in EXPERIMENTS.glob('*_common.yaml')))})")
-        opts += [f"{MODEL}fusion.params.{k}={v}" for k, v in fusion_options.items()]
-        opts += ["model=fusion_classifier"]
+        if fusion_options and arm.fusion != "deq":
+            raise ValueError(f"fusion options ({', '.join(fusion_options)}) are DEQFusion keywords for fusion 'deq'; "
+                             f"the fusion under test is {arm.fusion!r} (set its params with --arm-args {arm.name} "
+                             f"'{MODEL}fusion.params.KEY=VALUE')")
+        opts = [*deq_option_args(fusion_options), *opts, "model=fusion_classifier"]
         if not any(a.startswith(("dataset=", "datasets=")) for a in upstream_args):
             opts.append(f"dataset={dataset}")
         opts += [f"training.seed={seed}", f"env.save_dir={Path(run_dir) / 'save'}", *upstream_args]
@@ -73,8 +83,10 @@ class MMFComparison(Comparison):
         import argparse
 
         from . import register
+        from .fusion import DEQFusionMMF, params_with_options
 
-        mapping = register()
+        options, argv = split_deq_options(argv)
+        mapping = register(options)
         from mmf.utils.configuration import Configuration
         from omegaconf import OmegaConf
 
@@ -83,12 +95,20 @@ class MMFComparison(Comparison):
         if fusion not in mapping:
             raise KeyError(f"{MODEL}fusion.type: unknown fusion {fusion!r}; MMF's fusion registry has: "
                            f"{', '.join(sorted(mapping))}")
-        return OmegaConf.to_container(config, resolve=True)
+        out = OmegaConf.to_container(config, resolve=True)
+        if options:
+            if not issubclass(mapping[fusion], DEQFusionMMF):
+                raise KeyError(f"{MODEL}fusion.type: {fusion!r} takes no DEQFusion options (given: "
+                               f"{', '.join(options)})")
+            node = out["model_config"]["fusion_classifier"]["fusion"]
+            node["params"] = params_with_options(node.get("params") or {}, options)
+        return out
 
     def train(self, upstream, argv, run_dir, progress) -> RunOutcome:
         from . import register
 
-        register()
+        options, argv = split_deq_options(argv)
+        register(options)
         from mmf.common.registry import registry
         from mmf.trainers.base_trainer import BaseTrainer
         from mmf.utils.checkpoint import Checkpoint

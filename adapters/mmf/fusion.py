@@ -22,20 +22,34 @@ class DEQFusionMMF(FusionAdapter):
     ``jac_weight``: weight of the Jacobian term. A model that knows this fusion (``FusionClassifier``) sets
     ``jacobian = "report"`` and puts ``jac_weight * last_jac_loss`` into MMF's ``losses`` dict; any other
     model gets the term attached to the fused tensor's backward, so MMF's unchanged ``loss.backward()``
-    includes it either way. ``command_line``: the options of ``deqfusion run mmf`` (``--f-max-iter ...``), which
-    override the config's params; :func:`register_fusions` registers a subclass that carries them.
+    includes it either way. ``command_line``: the options of ``deqfusion run mmf`` (``--f-max-iter ...``),
+    ``mmf-demo -o`` and ``compare mmf -o``, which override the config's params, any DEQFusion keyword whether
+    the config lists it or not (MMF's command line can only override keys its config has);
+    :func:`register_fusions` registers a subclass that carries them.
     """
 
     label = "MMF"
     command_line: Mapping[str, Any] = {}
 
     def __init__(self, input_dims: Sequence[int], output_dim: int, **params):
-        options = FusionOptions(params, where="fusion.params").updated(self.command_line, where="deqfusion run mmf")
-        super().__init__(list(input_dims), int(output_dim), options)
+        super().__init__(list(input_dims), int(output_dim), _layer(params, self.command_line))
 
     def forward(self, xs: Sequence[torch.Tensor], present: torch.Tensor | None = None) -> torch.Tensor:
         """``present`` [B, N] bool: which modality of each sample is there (DEQFusion's mask; None: all)."""
         return self.fuse(xs, present=present)
+
+
+def _layer(params: Mapping[str, Any], command_line: Mapping[str, Any]) -> FusionOptions:
+    return FusionOptions(params, where="fusion.params").updated(command_line, where="command-line fusion option")
+
+
+def params_with_options(params: Mapping[str, Any], command_line: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``fusion.params`` a `deq` fusion registered with ``command_line`` is built with: the options over the
+    params (the same layering :class:`DEQFusionMMF` applies); keys set to None stay (DEQFusion's default), so a
+    recorded configuration shows them. Unknown keys raise :class:`~deqfusion_core.options.OptionError`."""
+    params, command_line = dict(params), dict(command_line)
+    built = _layer(params, command_line).given()
+    return {k: v for k, v in {**params, **command_line}.items() if v is None or k in built}
 
 
 def register_fusions(options: Mapping[str, Any] | None = None) -> dict[str, type]:
