@@ -112,9 +112,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare.command import study_options
+    from .compare.command import misplaced_flag, study_options
     from .compare.study import StudyError, run_study
 
+    flag = misplaced_flag(args.upstream_args)
+    if flag:
+        print(f"deqfusion compare {args.name}: {flag} is a flag of deqfusion compare, given after '--' (the "
+              f"upstream's own arguments): put it before '--'", file=sys.stderr)
+        return 2
     found = find_upstream("compare", args.name, args.upstream)
     if found is None:
         return 2

@@ -244,3 +244,31 @@ def test_concat_bert_hateful_memes_recipe_one_key_apart(memes, tmp_path, arm):
     assert re.search(r"fusion:\n\s+type: deq", composed)
     assert_reloads(save, save / "models" / "model_4.ckpt", "classifier." + FUSE_WEIGHT,
                    env={"HF_HOME": str(memes / "hf")})
+
+
+def test_compare_mmf_smoke_both_arms(tmp_path):
+    """`deqfusion compare mmf` on main's default trainer, whose evaluation is `evaluation_loop(dataset_type)` (rc10's
+    `BaseTrainer.evaluate(loader)` is gone) and whose early stopping is a callback's: both arms train, and each
+    run's row holds MMF's own logged numbers (validation at the update it selected, test after its restore);
+    --robustness evaluates the selected checkpoint through the same evaluation (clean = MMF's own test number)."""
+    out = tmp_path / "study"
+    proc, _ = run(["deqfusion", "compare", "mmf", "--seeds", "1", "--smoke", "--robustness", "0,1", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {r["arm"]: r for r in map(json.loads, (out / "runs.jsonl").read_text().splitlines())}
+    assert sorted((r["arm"], r["fusion"], r["seed"]) for r in runs.values()) == [
+        ("baseline", "linear_sum", 1), ("deq", "deq", 1)]
+    for arm, r in runs.items():
+        assert r["upstream"]["version"] == "main 1.0.0rc12" and r["info"] == {"updates": 4, "evaluations": 2}
+        log = "".join(p.read_text() for p in (out / "work" / f"{arm}-seed1" / "save" / "logs").glob("*.log"))
+        assert "mmf.trainers.mmf_trainer" in log
+        test = re.findall(r"test/easy_vqa/accuracy: ([0-9.]+)", log)
+        assert len(test) == 1 and float(test[0]) == pytest.approx(r["test"]["accuracy"], abs=1e-4)
+        update = int(r["selected_at"].split()[-1])
+        val = re.search(rf"progress: {update}/4, .*?val/easy_vqa/accuracy: ([0-9.]+)", log)
+        assert float(val.group(1)) == pytest.approx(r["val"]["accuracy"], abs=1e-4)
+        final = r["also_selected_by"]["final"]
+        assert final["at"] == "update 4" and set(final["val"]) == set(final["test"]) == {"accuracy"}  # main stops at 4
+        assert r["robustness"]["test"]["clean"]["accuracy"] == pytest.approx(r["test"]["accuracy"], abs=1e-6)
+        assert {"noise:image:1", "noise:text:1", "remove:image:zero_fill"} <= set(r["robustness"]["test"])
+    assert runs["baseline"]["solver"] is None
+    assert runs["deq"]["solver"]["train_solves"] >= 4 and runs["deq"]["solver"]["eval_solves"] > 0

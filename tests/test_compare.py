@@ -180,6 +180,25 @@ def test_cli_errors_exit_2(capsys):
     assert exc.value.code == 2 and "--seeds" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("after", [["--dry-run"], ["dataset=x", "--smoke"], ["--out=y"], ["--robustness", "0,1"]])
+def test_cli_refuses_compare_flags_after_dashes(tmp_path, capsys, after):
+    """compare's own flags after `--` would reach the upstream (MMF: an unpacking error): refused, named."""
+    from deqfusion_core.cli import main
+
+    assert main(["compare", "mmf", "--seeds", "1", "--out", str(tmp_path / "o"), "--", *after]) == 2
+    flag = next(a for a in after if a.startswith("--")).split("=")[0]
+    err = capsys.readouterr().err
+    assert f"{flag} is a flag of deqfusion compare, given after '--'" in err and "before '--'" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_upstream_flags_after_dashes_pass():
+    from deqfusion_core.compare.command import misplaced_flag
+
+    assert misplaced_flag(["-o", "options/vqa2/mutan.yaml", "--data-folder", "d", "--MODEL=large", "--seed",
+                           "dataset=mmimdb", "--output", "x"]) is None   # block's -o, mmdynamics, mcan, MMF
+
+
 def test_solver_recorder_sees_every_deq_forward():
     import torch
 

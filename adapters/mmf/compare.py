@@ -110,17 +110,17 @@ class MMFComparison(Comparison):
         options, argv = split_deq_options(argv)
         register(options)
         from mmf.common.registry import registry
-        from mmf.trainers.base_trainer import BaseTrainer
         from mmf.utils.checkpoint import Checkpoint
         from mmf_cli.run import run
 
         evals: list[dict] = []
         state: dict[str, Any] = {"phase": "training", "trainer": None}
-        evaluate, restore = BaseTrainer.evaluate, Checkpoint.restore
+        owner, name, split_of = _evaluation_hook()
+        evaluate, restore = getattr(owner, name), Checkpoint.restore
 
-        def recording_evaluate(trainer, loader, *args, **kwargs):
-            report, meter = evaluate(trainer, loader, *args, **kwargs)
-            split = "val" if loader is getattr(trainer, "val_loader", None) else "test"
+        def recording_evaluate(trainer, what, *args, **kwargs):
+            report, meter = evaluate(trainer, what, *args, **kwargs)
+            split = split_of(trainer, what)
             metrics = _metrics(meter, split)
             state["trainer"] = trainer
             evals.append({"split": split, "update": trainer.num_updates, "phase": state["phase"], "metrics": metrics})
@@ -135,24 +135,28 @@ class MMFComparison(Comparison):
             if state["phase"] == "training":
                 state["phase"] = "final"
                 if any(rt in trainer.run_type for rt in ("inference", "test")):
-                    trainer.evaluate(trainer.test_loader)
+                    _evaluate(trainer, "test")
                 state["phase"] = "selected"
             return restore(checkpoint)
 
-        BaseTrainer.evaluate, Checkpoint.restore = recording_evaluate, restore_after_final_test
+        setattr(owner, name, recording_evaluate)
+        Checkpoint.restore = restore_after_final_test
         try:
             run(opts=list(argv))
         finally:
-            BaseTrainer.evaluate, Checkpoint.restore = evaluate, restore
+            setattr(owner, name, evaluate)
+            Checkpoint.restore = restore
         trainer, config = state["trainer"], registry.get("config")
         self._trainer = trainer     # holds the selected checkpoint (MMF restored it for its test run)
         vals = [e for e in evals if e["split"] == "val" and e["phase"] == "training"]
         if trainer is None or not vals:
-            raise RuntimeError("MMF ran no validation: nothing to select or report")
+            raise RuntimeError(f"MMF ran no validation through {owner.__name__}.{name}, which compare records "
+                               f"(training.trainer={config.training.get('trainer')}; MMF main's lightning trainer "
+                               f"evaluates through Lightning): nothing to select or report")
         tests = {phase: [e["metrics"] for e in evals if e["split"] == "test" and e["phase"] == phase]
                  for phase in ("final", "selected")}
         stop = config.training.early_stop
-        best = trainer.early_stopping.best_monitored_update
+        best = _early_stopping(trainer).best_monitored_update
         at_best = [e for e in vals if e["update"] == best]
         selections = {
             "val": Selection(at_best[-1]["metrics"] if at_best else None, (tests["selected"] or [None])[-1],
@@ -206,10 +210,39 @@ class _Evaluator:
     def evaluate(self, transform):
         self.model.input_transform = transform
         try:
-            _, meter = self.trainer.evaluate(self.trainer.test_loader)
+            _, meter = _evaluate(self.trainer, "test")
         finally:
             self.model.input_transform = None
         return _metrics(meter, "test")
+
+
+# MMF main renamed rc10's trainer API the comparison uses (no version has both): these use whichever MMF has.
+def _evaluation_hook():
+    """``(class, method name, split of (trainer, its argument))`` of MMF's evaluation of one split, which returns
+    ``(report, meter)``: rc10's ``BaseTrainer.evaluate(loader)`` or main's ``evaluation_loop(dataset_type)``."""
+    from mmf.trainers.base_trainer import BaseTrainer
+
+    if hasattr(BaseTrainer, "evaluate"):
+        return BaseTrainer, "evaluate", \
+            lambda trainer, loader: "val" if loader is getattr(trainer, "val_loader", None) else "test"
+    from mmf.trainers.core.evaluation_loop import TrainerEvaluationLoopMixin
+
+    return TrainerEvaluationLoopMixin, "evaluation_loop", lambda trainer, dataset_type: dataset_type
+
+
+def _evaluate(trainer, split: str):
+    """MMF's own evaluation of ``split`` (``val`` or ``test``) by ``trainer``: ``(report, meter)``."""
+    if hasattr(trainer, "evaluate"):
+        return trainer.evaluate(getattr(trainer, f"{split}_loader"))
+    return trainer.evaluation_loop(split)
+
+
+def _early_stopping(trainer):
+    """The trainer's ``mmf.utils.early_stopping.EarlyStopping`` (rc10: ``trainer.early_stopping``; main: its
+    ``early_stop_callback``'s)."""
+    if hasattr(trainer, "early_stopping"):
+        return trainer.early_stopping
+    return trainer.early_stop_callback.early_stopping
 
 
 def _metrics(meter, split: str) -> dict[str, float]:

@@ -7,11 +7,12 @@ import math
 import re
 import shlex
 import sys
+from typing import Sequence
 
 from .robustness import NOISE_LEVELS
 from .study import StudyOptions
 
-__all__ = ["DESCRIPTION", "HELP", "USAGE", "add_arguments", "parse_seeds", "study_options"]
+__all__ = ["DESCRIPTION", "HELP", "USAGE", "add_arguments", "misplaced_flag", "parse_seeds", "study_options"]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -39,6 +40,16 @@ def parse_levels(text: str) -> list[float]:
 
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def misplaced_flag(upstream_args: Sequence[str]) -> str | None:
+    """The first of ``deqfusion compare``'s own flags (``--dry-run``, ``--smoke``, ``--seeds``, ...) given after
+    ``--``, where it would reach the upstream (MMF dies of it with an unpacking error); None when there is none.
+    The fusion flags (``-o``, ``--f-tol``, ...) are left to the upstream: some take them (block's ``-o FILE``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    own = {flag for action in parser._actions for flag in action.option_strings}
+    return next((arg.split("=", 1)[0] for arg in upstream_args if arg.split("=", 1)[0] in own), None)
 
 
 def study_options(args: argparse.Namespace, upstream_root: str | None, fusion_options: dict) -> StudyOptions:
