@@ -267,14 +267,14 @@ class FusionMap(nn.Module):
             raise ValueError(f"x_fuse: one of {', '.join(map(repr, X_FUSE))}, got {x_fuse!r}")
         if not isinstance(gating, (bool, str)) or gating not in GATINGS:
             raise ValueError(f"gating: True, False, 'linear' or 'sigmoid', got {gating!r}")
-        gating = GATINGS[gating]
+        gating = GATINGS[gating] or False   # "linear", "sigmoid" or False
         self.input_dims, self.dim, self.num_modalities = input_dims, dim, len(input_dims)
         self.num_groups, self.dropout = num_groups, dropout
         self.modality_blocks, self.fuse_block, self.gating = modality_blocks, fuse_block, gating
 
         self.proj = nn.ModuleList(nn.Identity() if d == dim else nn.Linear(d, dim) for d in input_dims)
         self.blocks = nn.ModuleList(ModalityBlock(dim, num_groups) for _ in input_dims) if modality_blocks else None
-        self.fusion = FuseBlock(dim, num_groups, gating) if fuse_block else None   # gating: "linear", "sigmoid", None
+        self.fusion = FuseBlock(dim, num_groups, gating or None) if fuse_block else None
         self.x_fuse = x_fuse
         if x_fuse == "weighted_sum":
             self.weights = nn.Parameter(torch.ones(len(input_dims)))   # w_i of x_fuse (Eq. 12)
