@@ -104,6 +104,7 @@ def test_pretrained_folder_loads_into_transformers_bert(cmbert, workspace):
     assert isinstance(model.BertFinetun.deq_fusion, plugin.CmbertFusion) and model.BertFinetun.deq_fusion.deq.dim == 50
     deq = model.BertFinetun.deq_fusion.deq
     assert (deq.jac_term, deq.norm, deq.f_max_iter_eval) == ("diagonal", "contractive", 400)
+    assert model.BertFinetun.deq_fusion.jac_weight == 0.1          # ours (the paper's 0.01: appendix C)
 
 
 def test_training_run_with_deq_fusion(cmbert, workspace):

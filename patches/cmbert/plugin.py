@@ -5,15 +5,16 @@ layer) builds the text map ReLU(T T^T) and the audio map ReLU(A A^T) [B, L, L] a
 ``w_t * text + w_a * audio + b`` before the mask and softmax. The patched forward runs the upstream one, but
 the fused map is the fixed point of DEQ fusion over the two maps (each of the B*L rows a sample of width L;
 x_fuse is DEQFusion's weighted sum, initialised to the upstream's w=1, b=0): the joint equilibrium of the
-text map, the audio map and the fused map, as in the paper. Its Jacobian term (weight 0.01) is attached to
-the fused map, so the upstream loss ``0.5 * (logit - label)^2`` becomes 0.5 MSE + 0.01 Jacobian without
-touching the training loop.
+text map, the audio map and the fused map, as in the paper. Its Jacobian term (weight 0.1; the paper's 0.01 is
+for the full term) is attached to the fused map, so the upstream loss ``0.5 * (logit - label)^2`` becomes
+0.5 MSE + 0.1 Jacobian without touching the training loop.
 
 The launcher runs ``run_classifier.py`` (its 5 runs) in a work folder holding the paths it hard-codes:
 ``Cross-Modal-BERT-master/data/audio/MOSI_cmu_audio_CLS.pickle`` (linked to ``-o audio=PATH`` or
 ``DEQFUSION_CMBERT_AUDIO``) and ``Cross-Modal-BERT-master/CM-BERT_output``. Options: DEQFusion's,
-``jac_weight`` (0.01), ``deq`` (False: the upstream fusion), ``audio`` and ``workdir``; ours for DEQFusion's:
-``jac_term=diagonal``, ``norm=contractive`` and ``f_max_iter_eval=400`` (measured: benchmarks/recipe_convergence.py).
+``jac_weight`` (0.1), ``deq`` (False: the upstream fusion), ``audio`` and ``workdir``; ours for DEQFusion's:
+``jac_term=diagonal``, ``norm=contractive``, ``f_max_iter_eval=400`` and ``jac_weight=0.1`` (measured:
+benchmarks/recipe_convergence.py).
 Shims and the two
 behaviour changes applied to both arms (BERT and pytorch_pretrained_bert on transformers): ``deqfusion_compat.cmbert``.
 """
@@ -108,8 +109,11 @@ class CmbertIntegration(Integration):
     summary = "CM-BERT (CMU-MOSI): DEQ fusion of the text and audio attention maps; BERT from transformers"
     env_var, marker, repository = "DEQFUSION_CMBERT_ROOT", "run_classifier.py", "thuiar/Cross-Modal-BERT"
     # jac_term/norm/f_max_iter_eval: ours, measured (docs/convergence.md, benchmarks/results/recipe_convergence: the
-    # evaluation solves that missed the tolerance at the cap of 100 were single rows of 1200 that 400 steps reach)
-    option_defaults = {"jac_weight": 0.01, "deq": True, "audio": None, "workdir": "cmbert_work",
+    # evaluation solves that missed the tolerance at the cap of 100 were single rows of 1200 that 400 steps reach).
+    # jac_weight 0.1: ours, departing from the paper's 0.01 (appendix C, CMU-MOSI; for the full term, where ours is
+    # the diagonal one): at 0.01, 7 of 8 seeds kept >= 95% of the last quarter's training solves converged and one
+    # epoch of 384 rows none (seed 1); at 0.1, 8 of 8 and all (docs/convergence.md, section 3).
+    option_defaults = {"jac_weight": 0.1, "deq": True, "audio": None, "workdir": "cmbert_work",
                        "jac_term": "diagonal", "norm": "contractive", "f_max_iter_eval": 400}
     compat = ("deqfusion_compat.cmbert",)
 
