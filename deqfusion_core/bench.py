@@ -71,11 +71,12 @@ def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: i
     labels = torch.randint(0, 5, (batch,), device=device)
     a, w = torch.randn(batch, dim, device=device), torch.randn(dim, dim, device=device)
     products = 2 * modalities + 2
+    layer = m.loop_layer()    # f as the solvers apply it (torch.compile'd with ``compile_f``)
     with torch.no_grad():
         inj = m.inject(xs)
     z = torch.randn(batch, m.state_width, device=device)
     zg = z.clone().requires_grad_()
-    fz = m.layer(zg, inj)
+    fz = layer(zg, inj)
     v = torch.randn_like(fz)
     parts = {"step": [], "forward": [], "backward": []}
 
@@ -95,7 +96,7 @@ def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: i
     for i in range(repeats + 2):
         with torch.no_grad():
             t_mm = timed(lambda: [torch.mm(a, w) for _ in range(products)])
-            t_f = timed(lambda: m.layer(z, inj))
+            t_f = timed(lambda: layer(z, inj))
         t_vjp = timed(lambda: torch.autograd.grad(fz, zg, v, retain_graph=True))
         t_step = timed(step) if (i - 2) % 4 == 0 else None   # a step costs about 2 x steps f: fewer of them
         if i >= 2:   # warm-up
@@ -131,7 +132,7 @@ def main(args) -> int:
     print(f"{report['machine']}")
     regimes = {"given": dict(batch=args.batch, modalities=len(dims), dim=args.dim), "small": SMALL}
     for name, shape in regimes.items():
-        r = f_cost(**shape, repeats=args.repeats, device=args.device)
+        r = f_cost(**shape, repeats=args.repeats, device=args.device, compile_f=getattr(args, "compile_f", None))
         report["cost"][name] = r
         print(f"{name}: {fmt_cost(r)}", flush=True)
     fusion, xs, head, labels = contractive_problem(args.batch, dims, args.dim, device=args.device)

@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=500)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile-f", metavar="MODE", help="time f torch.compile'd with this mode (DEQFusion's compile_f)")
     p.add_argument("--json", metavar="PATH", help="also write the figures there as JSON")
     p.set_defaults(func=cmd_bench)
 
