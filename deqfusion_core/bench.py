@@ -58,7 +58,7 @@ def _timer(device):
 
 
 def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: int = 20, device="cpu",
-           seed: int = 0, **fusion_options) -> dict:
+           seed: int = 0, compile_f: str | None = None, **fusion_options) -> dict:
     """One application of f (no autograd, as in a forward solver step), one VJP of f (as in a backward solver
     step) and a training step whose forward and backward solves run exactly ``steps`` steps each (tolerance
     0, no Jacobian term), against f's own 2N+2 matrix products [batch, dim] x [dim, dim] (the VJP's are as
@@ -71,12 +71,14 @@ def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: i
     labels = torch.randint(0, 5, (batch,), device=device)
     a, w = torch.randn(batch, dim, device=device), torch.randn(dim, dim, device=device)
     products = 2 * modalities + 2
-    layer = m.loop_layer()    # f as the solvers apply it (torch.compile'd with ``compile_f``)
+    # ``compile_f``: one f torch.compile'd with that mode (as the forward solver applies it); the VJP and the training
+    # step stay eager (DEQFusion refuses to train with compile_f: gradients, tests/test_cuda.py)
+    layer = m.layer if compile_f is None else torch.compile(m.layer, mode=compile_f)
     with torch.no_grad():
         inj = m.inject(xs)
     z = torch.randn(batch, m.state_width, device=device)
     zg = z.clone().requires_grad_()
-    fz = layer(zg, inj)
+    fz = m.layer(zg, inj)
     v = torch.randn_like(fz)
     parts = {"step": [], "forward": [], "backward": []}
 
@@ -104,7 +106,7 @@ def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: i
             if t_step is not None:
                 parts["step"].append(t_step)
     med = {k: statistics.median(v) for k, v in rows.items()}
-    return dict(batch=batch, modalities=modalities, dim=dim, matmuls=products, device=str(device),
+    return dict(batch=batch, modalities=modalities, dim=dim, matmuls=products, device=str(device), compile_f=compile_f,
                 one_f_s=med["f"], one_vjp_s=med["vjp"], matmuls_s=med["matmuls"],
                 f_over_matmuls=med["f"] / med["matmuls"], vjp_over_matmuls=med["vjp"] / med["matmuls"],
                 train_step_steps=steps, train_step_s=statistics.median(parts["step"]),

@@ -94,9 +94,15 @@ class SolveThenDifferentiate(Gradient):
     """Solve without an autograd tape, then attach the gradient at z* (``attach``)."""
 
     def __call__(self, m, z0, inj, warm):
-        res = m.solve(z0, inj)
         needs_graph = torch.is_grad_enabled() and (any(x.requires_grad for x in inj.xs) or
                                                    any(p.requires_grad for p in m.parameters()))
+        if needs_graph and m.compile_f is not None:
+            raise RuntimeError(
+                f"compile_f={m.compile_f!r}: with gradients, torch {torch.__version__}'s compiled f either fails in the "
+                "implicit backward (donated buffers) or, with a norm, gives wrong parameter gradients (measured on the "
+                "CPU: relative error 0.3-2 against eager, same forward); use compile_f under torch.no_grad() "
+                "(inference) only, or compile_f=None to train (docs/speed.md)")
+        res = m.solve(z0, inj)
         if not needs_graph:
             return Equilibrium(res.z, res, None)
         jac_needed = _training(m) and m.jac_samples > 0
