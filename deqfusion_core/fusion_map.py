@@ -36,7 +36,7 @@ __all__ = ["GroupNorm", "group_norm", "block", "ModalityBlock", "FuseBlock", "In
 X_FUSE = ("weighted_sum", "linear")   # the ways to compute x_fuse (FusionMap's ``x_fuse``)
 # FusionMap's ``gating``: True / "linear" is Eq. 9 (alpha_i = W_a (z_fuse + z_i) + b_a, unbounded); "sigmoid" (ours)
 # is sigma(Eq. 9), a gate in (0, 1); False: no gate (Table 6 ablation, z'_i = z_i).
-GATINGS = {True: "linear", "linear": "linear", "sigmoid": "sigmoid", False: None}
+GATINGS = {True: "linear", "linear": "linear", "sigmoid": "sigmoid", False: False}
 
 
 # At most this many [rows x dim] entries per modality, f runs the N modality blocks as batched [N, b, dim] ops
@@ -267,7 +267,7 @@ class FusionMap(nn.Module):
             raise ValueError(f"x_fuse: one of {', '.join(map(repr, X_FUSE))}, got {x_fuse!r}")
         if not isinstance(gating, (bool, str)) or gating not in GATINGS:
             raise ValueError(f"gating: True, False, 'linear' or 'sigmoid', got {gating!r}")
-        gating = GATINGS[gating] or False   # "linear", "sigmoid" or False
+        gating = GATINGS[gating]
         self.input_dims, self.dim, self.num_modalities = input_dims, dim, len(input_dims)
         self.num_groups, self.dropout = num_groups, dropout
         self.modality_blocks, self.fuse_block, self.gating = modality_blocks, fuse_block, gating
