@@ -73,10 +73,10 @@ def _training(m) -> bool:
     return m.training and torch.is_grad_enabled()
 
 
-def _at(m, z_star: torch.Tensor, inj: Injection, layer=None):
-    """f applied once at the fixed point, on a fresh leaf: (z, f(z)); ``layer``: f (default ``m.layer``)."""
+def _at(m, z_star: torch.Tensor, inj: Injection):
+    """f applied once at the fixed point, on a fresh leaf: (z, f(z))."""
     z = z_star.detach().requires_grad_()
-    return z, (layer or m.layer)(z, inj)
+    return z, m.layer(z, inj)
 
 
 def _jacobian_at(m, z_star: torch.Tensor, inj: Injection) -> torch.Tensor:
@@ -121,9 +121,7 @@ class Implicit(SolveThenDifferentiate):
     stats' backward solution when its shape fits."""
 
     def attach(self, m, res, inj, warm, jac_needed):
-        # the compiled f (compile_f) where no double backward is needed: torch.compile has none for the Jacobian term
-        layer = m.layer if jac_needed else m.loop_layer()
-        z, fz = _at(m, res.z, inj, layer)
+        z, fz = _at(m, res.z, inj)    # eager f: with gradients compile_f is refused (SolveThenDifferentiate.__call__)
         jac = jacobian_loss(fz, z, m.jac_samples, blocks=_jac_blocks(m)) if jac_needed else None
         g0 = None if warm is None else warm.backward_state
         if g0 is not None and g0.shape != fz.shape:
@@ -132,7 +130,7 @@ class Implicit(SolveThenDifferentiate):
         if g0 is not None and keep is not None:   # absent parts of g stay zero: start them there
             g0 = torch.where(keep, g0, 0.0)
         report = BackwardReport(m.backward_solve)
-        backward = ImplicitBackward(layer, res.z, inj, m.backward_solve, g0)
+        backward = ImplicitBackward(m.layer, res.z, inj, m.backward_solve, g0)
         return Equilibrium(_ImplicitGrad.apply(fz, z, backward, report), res, jac, report)
 
 

@@ -111,8 +111,9 @@ class DEQFusion(FusionMap):
             the final output 1). Costs one f application per kept iterate; eval forwards keep none.
 
         compile_f: None (default) or a ``torch.compile`` mode (``default``, ``reduce-overhead``: CUDA graphs,
-            ``max-autotune``...): f as the solvers and the implicit backward apply it is compiled (``loop_layer``), so
-            are its VJPs. For CUDA graphs give the solvers fixed shapes: ``solver_options`` / ``b_solver_options``
+            ``max-autotune``...): f as the forward solver applies it is compiled (``loop_layer``). Inference only: a
+            forward that needs gradients raises (torch 2.13's compiled f fails or gives wrong gradients there;
+            docs/speed.md). For CUDA graphs give the solver fixed shapes: ``solver_options``
             ``{"compact": False, "check_every": k}``. Ours (issue 14), not the paper's.
 
         modality_dropout: in training, each modality of each sample is dropped (marked absent, as by ``present``)
@@ -269,10 +270,9 @@ class DEQFusion(FusionMap):
         return res
 
     def loop_layer(self):
-        """f as the solvers and the implicit backward apply it: ``layer``, or with ``compile_f`` its torch.compile'd
-        version (compiled once per module; its autograd graph, and so every VJP of the backward solve, is
-        compiled too). Under CUDA graphs (``reduce-overhead``) each call marks a new step and returns a copy of
-        the graph's output, which the next replay overwrites."""
+        """f as the forward solver applies it: ``layer``, or with ``compile_f`` its torch.compile'd version
+        (compiled once per module; used without gradients only). Under CUDA graphs (``reduce-overhead``) each call
+        marks a new step and returns a copy of the graph's output, which the next replay overwrites."""
         if self.compile_f is None:
             return self.layer
         compiled = _COMPILED.get(self)
