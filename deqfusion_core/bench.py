@@ -116,8 +116,9 @@ def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: i
 
 def machine() -> dict:
     """Where a timing ran: torch, threads and the load average (timings under load > cores are noisy)."""
+    from . import kernels
     return dict(torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
-                load_avg_1m=os.getloadavg()[0])
+                load_avg_1m=os.getloadavg()[0], f_solver_steps=kernels.status())
 
 
 def fmt_cost(r: dict) -> str:

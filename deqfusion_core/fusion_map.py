@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 __all__ = ["GroupNorm", "group_norm", "block", "ModalityBlock", "FuseBlock", "Injection", "BlockParams", "FusionMap",
            "RowMap", "GateTrace", "BATCHED_MAX", "X_FUSE", "GATINGS"]
 
@@ -80,11 +82,18 @@ class GroupNorm(nn.GroupNorm):
         return group_norm(x, self.num_groups, self.weight if self.affine else None, self.bias, self.eps, out)
 
 
-def block(z, x2, w1, b1, w2, g1, g2, g3, groups, eps, out=None):
+def block(z, x2, w1, b1, w2, g1, g2, g3, groups, eps, out=None, work=None):
     """f_theta_i (Eq. 7-8) on z [..., b, d]: GN(ReLU(GN(ReLU(GN(z W1 + b1)) W2 + b2 + x) + z)) with ``x2`` = x + b2,
     weights given transposed ([d, d] or stacked [N, d, d]: then every op runs on all N modalities at once) and
     each GN's (weight, bias). In place where the producer's backward does not need its output; ``out``: write
-    the result there (no autograd)."""
+    the result there (no autograd; then on float32 CPU tensors each GN with its neighbours is one fused kernel,
+    and the two products go to ``work`` [2, *z.shape] if given: no allocation, so no fresh pages to fault in)."""
+    if out is not None and g1[0] is not None and kernels.usable(z):
+        mm = torch.mm if z.dim() == 2 else torch.bmm
+        h, a = (None, None) if work is None else work
+        h = kernels.gn_fused(mm(z, w1, out=h), groups, eps, *g1, add=b1, post=True)
+        return kernels.gn_fused(mm(h, w2, out=a), groups, eps, *g2, add=x2, res=z, post=True, weight3=g3[0],
+                                bias3=g3[1], out=out)
     mm = torch.addmm if z.dim() == 2 else torch.baddbmm
     h = F.relu(group_norm(mm(b1, z, w1), groups, *g1, eps), inplace=True)
     h = group_norm(mm(x2, h, w2), groups, *g2, eps).add_(z)
@@ -109,12 +118,16 @@ class ModalityBlock(nn.Module):
         return block(z, x + self.lin2.bias, w1, b1, w2, *gns, self.gn1.num_groups, self.gn1.eps)
 
 
-def _total(zs, z=None, alpha=1):
-    """sum_i z_i over the modalities (a list of [b, d], or stacked [N, b, d]), plus ``alpha`` z if given."""
+def _total(zs, z=None, alpha=1, out=None):
+    """sum_i z_i over the modalities (a list of [b, d], or stacked [N, b, d]), plus ``alpha`` z if given; ``out``:
+    write it there (no autograd)."""
     if isinstance(zs, torch.Tensor):
-        total = zs.sum(0)
+        total = torch.sum(zs, 0, out=out) if out is not None else zs.sum(0)
         return total if z is None else total.add_(z, alpha=alpha)
-    total = zs[0] + zs[1] if len(zs) > 1 else zs[0].clone()
+    if len(zs) > 1:
+        total = torch.add(zs[0], zs[1], out=out)
+    else:
+        total = zs[0].clone() if out is None else out.copy_(zs[0])
     for t in zs[2:]:
         total += t
     return total if z is None else total.add_(z, alpha=alpha)
@@ -146,16 +159,21 @@ class FuseBlock(nn.Module):
         return each.sum(0), each
 
     def forward(self, z_fuse, zs, x_fuse, gate_mask=None, fuse_mask=None, gate_means=None, present=None,
-                x_fuse_biased=None, out=None):
+                x_fuse_biased=None, out=None, work=None):
         """``zs``: the modality states, a list of [b, d] or stacked [N, b, d]. ``present`` [b, N] bool or None:
         the sum runs over the present modalities, whose states are the only nonzero ones (absent ones are
         zero), and N is their count per sample. ``x_fuse_biased``: x_fuse + the fuse Linear's bias, if the
-        caller has it (saves one addition). ``out``: write the result there (no autograd)."""
+        caller has it (saves one addition). ``out``: write the result there (no autograd), ``work``: scratch
+        [2, b, d] then (no allocation in a solver step)."""
         each = None
         if self.gate is None:                       # Table 6 ablation: z'_i = z_i
             purified = _total(zs)
         elif self.gating == "sigmoid":
             gates, each = self._sigmoid_gates(z_fuse, zs, present)
+        elif present is None and work is not None:     # a solver step: sum and gates in scratch, in place
+            n = len(zs)
+            gates = torch.mm(_total(zs, z_fuse, n, out=work[0]), self.gate.weight.t(), out=work[1])
+            gates.add_(self.gate.bias, alpha=n)
         elif present is None:
             n = len(zs)
             gates = torch.addmm(n * self.gate.bias, _total(zs, z_fuse, n), self.gate.weight.t())
@@ -165,7 +183,7 @@ class FuseBlock(nn.Module):
         if self.gate is not None:
             if gate_mask is not None:
                 gates = gates * gate_mask
-            purified = z_fuse * gates
+            purified = gates.mul_(z_fuse) if work is not None else z_fuse * gates
             if gate_means is not None:              # per-sample mean alpha_i per modality [b, N], for Fig. 3
                 if each is not None:
                     means = each.mean(-1).t().detach().float()
@@ -175,6 +193,11 @@ class FuseBlock(nn.Module):
                     means = ((z_fuse + stacked) @ w + b).t().detach().float()
                 gate_means.append(means if present is None else means.masked_fill(~present, float("nan")))
         if fuse_mask is None:
+            if out is not None and self.gn.affine and kernels.usable(purified):   # GN(ReLU(h)) fused (no autograd)
+                h = torch.mm(purified, self.fuse.weight.t(), out=None if work is None else work[0])
+                return kernels.gn_fused(h, self.gn.num_groups, self.gn.eps, self.gn.weight, self.gn.bias,
+                                        add=x_fuse + self.fuse.bias if x_fuse_biased is None else x_fuse_biased,
+                                        pre=True, out=out)
             if x_fuse_biased is None:
                 x_fuse_biased = x_fuse + self.fuse.bias
             h = torch.addmm(x_fuse_biased, purified, self.fuse.weight.t())
@@ -198,6 +221,15 @@ class Injection:
         self.xs, self.x_fuse, self.gate_mask, self.fuse_mask = xs, x_fuse, gate_mask, fuse_mask
         self.present = present
         self.blocks, self.x2, self.x_fuse_biased = blocks, x2, x_fuse_biased
+        self._work: dict = {}
+
+    def work(self, *shape: int) -> torch.Tensor:
+        """A scratch buffer of ``shape`` (x_fuse's dtype and device), the same one at every solver step of this
+        forward and rows selection (f's steps run one after the other), so that they allocate nothing."""
+        buf = self._work.get(shape)
+        if buf is None:
+            buf = self._work[shape] = self.x_fuse.new_empty(shape)
+        return buf
 
     def select(self, rows: torch.Tensor) -> "Injection":
         pick = lambda t: None if t is None else t[rows]
@@ -329,11 +361,12 @@ class FusionMap(nn.Module):
         would fill a zero gradient of the whole state in the backward each time). ``out`` [b, N, d]: written there
         (no autograd)."""
         P, n = inj.blocks, self.num_modalities
-        if zz.shape[0] * zz.shape[2] <= BATCHED_MAX:
+        b, d = zz.shape[0], zz.shape[2]
+        if b * d <= BATCHED_MAX:
             return block(zz[:, :n].transpose(0, 1), inj.x2, *P.stacked, P.groups, P.eps,
-                         None if out is None else out.transpose(0, 1))
-        return [block(parts[i], inj.x2[i], *P.each[i], P.groups, P.eps, None if out is None else out[:, i])
-                for i in range(n)]
+                         None if out is None else out.transpose(0, 1), None if out is None else inj.work(2, n, b, d))
+        return [block(parts[i], inj.x2[i], *P.each[i], P.groups, P.eps, None if out is None else out[:, i],
+                      None if out is None else inj.work(2, b, d)) for i in range(n)]
 
     def _weighted(self, xs):
         """sum_i w_i x_i (Eq. 12) or sum_i W_i x_i (``x_fuse="linear"``), without the bias."""
@@ -350,7 +383,7 @@ class FusionMap(nn.Module):
         parts = zz.unbind(1)
         direct = self.blocks is not None and self.fusion is not None and inj.present is None \
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled(z.device.type) \
-            and z.dtype == inj.x_fuse.dtype
+            and z.dtype == inj.x_fuse.dtype and not torch.compiler.is_compiling()   # out= breaks a compiled graph
         out = torch.empty_like(zz) if direct else None
         if self.blocks is None:
             new = list(inj.xs)
@@ -365,7 +398,8 @@ class FusionMap(nn.Module):
             z_fuse = _total(new)
         else:
             z_fuse = self.fusion(parts[n], new, inj.x_fuse, inj.gate_mask, inj.fuse_mask, gate_means, inj.present,
-                                 inj.x_fuse_biased, None if out is None else out[:, n])
+                                 inj.x_fuse_biased, None if out is None else out[:, n],
+                                 None if out is None else inj.work(2, b, d))
         if out is not None:
             return out.view(b, -1)
         if isinstance(new, torch.Tensor):
