@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"^(<!-- results: (?P<path>\S+)(?: (?P<view>robustness|end_to_end))? -->\n)(?P<body>.*?)^(<!-- /results -->)",
+BLOCK = re.compile(r"^(<!-- results: (?P<path>\S+)(?: (?P<view>robustness|end_to_end|bench_runs))? -->\n)(?P<body>.*?)"
+                   r"^(<!-- /results -->)",
                    re.S | re.M)
 
 
@@ -117,11 +118,54 @@ def render_end_to_end(summary: dict, source: str) -> str:
                               f"from [{source}]({source}) (details: [summary.md]({source.rsplit('/', 1)[0]}/summary.md))."]) + "\n"
 
 
-VIEWS = {None: render, "robustness": render_robustness, "end_to_end": render_end_to_end}
+def _fastest(steps: dict, prefix: str, bar: float):
+    """(name, step seconds) of the fastest ``prefix`` configuration whose gradient error is <= ``bar``, or None."""
+    ok = [(r["step_s"], name) for name, r in steps.items() if name.startswith(prefix) and r["grad_rel_err"] <= bar]
+    return min(ok)[::-1] if ok else None
+
+
+def render_bench_runs(runs: list, source: str) -> str:
+    """Consecutive ``benchmarks/bench_core.py`` runs side by side (``<!-- results: GLOB bench_runs -->``, the GLOB
+    matching their JSON files): f and its VJP against their matrix products in both regimes, the forward solve's
+    overhead, and the training step at gradient error <= 1e-3 against the reference's fastest there."""
+    cols = [f"run {i + 1}" for i in range(len(runs))]
+    rows = {"one f / its matrix products, {shape}": [], "one VJP / its matrix products": [],
+            "one f at 64 x 6 x 64 (/ its 14 products)": [], "training step at 64 x 6 x 64, 30-step solves": [],
+            "forward solve time / (f evaluations x one f)": [], "train step, our fastest at gradient error <= 1e-3": [],
+            "the reference's fastest at <= 1e-3": [], "ratio (reference / ours)": []}
+    for r in runs:
+        big, small = r["cost"]["large"], r["cost"]["small"]
+        ours, ref = _fastest(r["train_step"], "deqfusion", 1e-3), _fastest(r["train_step"], "reference", 1e-3)
+        vals = [f"{big['f_over_matmuls']:.2f}", f"{big['vjp_over_matmuls']:.2f}",
+                f"{small['one_f_s'] * 1e3:.3f} ms ({small['f_over_matmuls']:.1f})", f"{small['train_step_s'] * 1e3:.1f} ms",
+                f"{r['forward']['deqfusion (per-sample rel 1e-3)']['overhead']:.2f}",
+                "not reached" if ours is None else f"{ours[1]:.2f} s ({ours[0].removeprefix('deqfusion ')})",
+                "not reached" if ref is None else f"{ref[1]:.2f} s ({ref[0].removeprefix('reference ')})",
+                "not defined" if ours is None or ref is None else f"**{ref[1] / ours[1]:.1f}x**"]
+        for row, v in zip(rows.values(), vals):
+            row.append(v)
+    big = runs[0]["cost"]["large"]
+    shape = f"{big['batch']} x {big['modalities']} x {big['dim']} ({big['matmuls']} products)"
+    lines = ["| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += [f"| {name.format(shape=shape)} | " + " | ".join(v) + " |" for name, v in rows.items()]
+    m = runs[0]["machine"]
+    loads = [x for r in runs for x in (r["machine"]["load_avg_1m"], r.get("load_avg_1m_end", 0.0))]
+    paths = sorted({m["f_solver_steps"] if "f_solver_steps" in m else "torch ops" for r in runs for m in [r["machine"]]})
+    return "\n".join(lines + ["", f"torch {m['torch']}, {m['threads']} threads on {m['cpus']} CPUs, load average "
+                              f"{min(loads):.1f}-{max(loads):.1f}; f's solver steps: {'; '.join(paths)}; from "
+                              f"`{source}`."]) + "\n"
+
+
+VIEWS = {None: render, "robustness": render_robustness, "end_to_end": render_end_to_end, "bench_runs": render_bench_runs}
 
 
 def regenerate(text: str, root: Path = ROOT) -> str:
     def replace(m: re.Match) -> str:
+        if m.group("view") == "bench_runs":     # a glob of run files, in name order
+            paths = sorted(root.glob(m.group("path")))
+            if not paths:
+                raise FileNotFoundError(f"{m.group('path')}: no such result files")
+            return m.group(1) + render_bench_runs([json.loads(p.read_text()) for p in paths], m.group("path")) + m.group(5)
         path = root / m.group("path")
         if not path.is_file():
             raise FileNotFoundError(f"{m.group('path')}: no such result file")

@@ -72,7 +72,7 @@ def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: i
     a, w = torch.randn(batch, dim, device=device), torch.randn(dim, dim, device=device)
     products = 2 * modalities + 2
     # ``compile_f``: one f torch.compile'd with that mode (as the forward solver applies it); the VJP and the training
-    # step stay eager (DEQFusion refuses to train with compile_f: gradients, tests/test_cuda.py)
+    # step stay eager (DEQFusion's gradients always apply eager f, tests/test_cuda.py)
     layer = m.layer if compile_f is None else torch.compile(m.layer, mode=compile_f)
     with torch.no_grad():
         inj = m.inject(xs)

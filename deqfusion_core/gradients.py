@@ -96,12 +96,6 @@ class SolveThenDifferentiate(Gradient):
     def __call__(self, m, z0, inj, warm):
         needs_graph = torch.is_grad_enabled() and (any(x.requires_grad for x in inj.xs) or
                                                    any(p.requires_grad for p in m.parameters()))
-        if needs_graph and m.compile_f is not None:
-            raise RuntimeError(
-                f"compile_f={m.compile_f!r}: with gradients, torch {torch.__version__}'s compiled f either fails in the "
-                "implicit backward (donated buffers) or, with a norm, gives wrong parameter gradients (measured on the "
-                "CPU: relative error 0.3-2 against eager, same forward); use compile_f under torch.no_grad() "
-                "(inference) only, or compile_f=None to train (docs/speed.md)")
         res = m.solve(z0, inj)
         if not needs_graph:
             return Equilibrium(res.z, res, None)
@@ -121,7 +115,7 @@ class Implicit(SolveThenDifferentiate):
     stats' backward solution when its shape fits."""
 
     def attach(self, m, res, inj, warm, jac_needed):
-        z, fz = _at(m, res.z, inj)    # eager f: with gradients compile_f is refused (SolveThenDifferentiate.__call__)
+        z, fz = _at(m, res.z, inj)    # eager f: compile_f compiles only the tape-free solve
         jac = jacobian_loss(fz, z, m.jac_samples, blocks=_jac_blocks(m)) if jac_needed else None
         g0 = None if warm is None else warm.backward_state
         if g0 is not None and g0.shape != fz.shape:

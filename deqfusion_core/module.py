@@ -111,10 +111,10 @@ class DEQFusion(FusionMap):
             the final output 1). Costs one f application per kept iterate; eval forwards keep none.
 
         compile_f: None (default) or a ``torch.compile`` mode (``default``, ``reduce-overhead``: CUDA graphs,
-            ``max-autotune``...): f as the forward solver applies it is compiled (``loop_layer``). Inference only: a
-            forward that needs gradients raises (torch 2.13's compiled f fails or gives wrong gradients there;
-            docs/speed.md). For CUDA graphs give the solver fixed shapes: ``solver_options``
-            ``{"compact": False, "check_every": k}``. Ours (issue 14), not the paper's.
+            ``max-autotune``...): f as the forward solver applies it, without autograd, is compiled
+            (``loop_layer``); every gradient (implicit backward, Jacobian term, the other modes) applies eager f,
+            so training gives eager's gradients (tests/test_cuda.py). For CUDA graphs give the solver fixed
+            shapes: ``solver_options`` ``{"compact": False, "check_every": k}``. Ours (issue 14), not the paper's.
 
         modality_dropout: in training, each modality of each sample is dropped (marked absent, as by ``present``)
             with probability p in [0, 1), on top of any given mask; a sample whose draw would drop all its present
@@ -271,7 +271,7 @@ class DEQFusion(FusionMap):
 
     def loop_layer(self):
         """f as the forward solver applies it: ``layer``, or with ``compile_f`` its torch.compile'd version
-        (compiled once per module; used without gradients only). Under CUDA graphs (``reduce-overhead``) each call
+        (compiled once per module; applied without autograd only: gradients go through eager ``layer``). Under CUDA graphs (``reduce-overhead``) each call
         marks a new step and returns a copy of the graph's output, which the next replay overwrites."""
         if self.compile_f is None:
             return self.layer

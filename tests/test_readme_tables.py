@@ -25,7 +25,27 @@ def test_every_table_names_an_existing_summary_and_is_closed():
         opened, closed = re.findall(r"^<!-- results: ", text, re.M), re.findall(r"^<!-- /results -->", text, re.M)
         assert len(opened) == len(closed) == len(tables.BLOCK.findall(text))
         for m in tables.BLOCK.finditer(text):
-            assert (ROOT / m.group("path")).is_file(), f"{doc.name}: {m.group('path')}"
+            if m.group("view") == "bench_runs":     # a glob of bench_core.py run files
+                assert list(ROOT.glob(m.group("path"))), f"{doc.name}: {m.group('path')}"
+            else:
+                assert (ROOT / m.group("path")).is_file(), f"{doc.name}: {m.group('path')}"
+
+
+def test_bench_runs_ratio_is_between_the_fastest_configurations_under_the_bar():
+    run = json.loads((ROOT / "benchmarks/results/core_cpu_issue14/kernels_run1.json").read_text())
+    steps = run["train_step"] = {
+        "deqfusion anderson f 1e-05 b 0.0003": dict(step_s=0.5, grad_rel_err=2e-3),    # fast but over the bar
+        "deqfusion anderson f 1e-06 b 0.0003": dict(step_s=1.0, grad_rel_err=4e-4),
+        "deqfusion fixed_point f 1e-06 b 1e-05": dict(step_s=1.2, grad_rel_err=1e-5),
+        "reference f 1e-06 b 0.0003": dict(step_s=4.0, grad_rel_err=9e-4),
+        "reference f 1e-06 b 1e-05": dict(step_s=6.0, grad_rel_err=2e-4)}
+    table = tables.render_bench_runs([run], "x")
+    assert "| ratio (reference / ours) | **4.0x** |" in table
+    steps["reference f 1e-06 b 0.0003"]["grad_rel_err"] = 2e-3
+    assert "| ratio (reference / ours) | **6.0x** |" in tables.render_bench_runs([run], "x")
+    for name in [k for k in steps if k.startswith("reference")]:
+        steps[name]["grad_rel_err"] = 1.0
+    assert "| ratio (reference / ours) | not defined |" in tables.render_bench_runs([run], "x")
 
 
 def test_render_changes_with_the_summary(tmp_path):
