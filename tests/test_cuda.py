@@ -131,7 +131,8 @@ def test_compiled_f_gives_eager_gradients(norm, train):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
-@pytest.mark.parametrize("norm,tol", [(None, 1e-7), ("contractive", 1e-2)])   # the normed one stalls near 8e-3
+# with the norm, Anderson (m=5) stagnates near 8e-3 on one sample, where plain iteration converges (86 steps)
+@pytest.mark.parametrize("norm,tol", [(None, 1e-7), ("contractive", 1e-2)])
 def test_compiled_f_gives_the_same_fixed_point_in_inference(norm, tol):
     kw = dict(f_tol=tol, f_max_iter=300) | ({"norm": norm} if norm else {})
     m = model(torch.float64, **kw).eval()
