@@ -7,7 +7,8 @@ iteration. A convergence study, not a test.
 Models: DEQFusion([6, 8, 5], dim 8, 2 groups), the weights feeding back into the state (lin2, gate, fuse) scaled by
 ``scale`` (smaller: more contractive), and with ``norm="contractive"`` (unscaled); inputs N(0, 1), batch 32, float64,
 eval mode; relative tolerance 1e-8, cap 200. Writes ``result.json`` (per configuration: samples not converged per
-solver, and those Anderson leaves unconverged where fixed-point iteration converges) and prints a table.
+solver, those Anderson leaves unconverged where fixed-point iteration converges, with Anderson's final residuals
+there, and the reverse count) and prints the same.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
     # with norm="contractive" the scale is moot (the spectral norm of lin2, gate and fuse undoes it)
     for norm, scale in ((None, 0.2), (None, 0.5), (None, 1.0), ("contractive", 1.0)):
         row = dict(norm=norm, scale=scale, samples=0, not_converged={k: 0 for k in SOLVERS}, steps={k: 0 for k in SOLVERS},
-                   anderson_short_where_fixed_point_converges=0, fixed_point_short_where_anderson_converges=0)
+                   anderson_short_where_fixed_point_converges=0, fixed_point_short_where_anderson_converges=0,
+                   anderson_short_residuals=[])
         for seed in range(args.seeds):
             torch.manual_seed(seed)
             m = scaled(DEQFusion(DIMS, dim=8, num_groups=2, f_tol=args.tol, f_max_iter=args.max_iter,
@@ -62,16 +64,20 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     out = m(xs)
                 bad[name] = out.stats.rel_residuals > args.tol
+                if name == "anderson":
+                    residuals = out.stats.rel_residuals
                 row["not_converged"][name] += int(bad[name].sum())
                 row["steps"][name] += out.stats.nstep
             row["samples"] += len(bad["anderson"])
             row["anderson_short_where_fixed_point_converges"] += int((bad["anderson"] & ~bad["fixed_point"]).sum())
             row["fixed_point_short_where_anderson_converges"] += int((bad["fixed_point"] & ~bad["anderson"]).sum())
+            row["anderson_short_residuals"] += residuals[bad["anderson"] & ~bad["fixed_point"]].tolist()
         rows.append(row)
         print(f"norm {norm}, scale {scale}: not converged of {row['samples']}: "
               + ", ".join(f"{k} {v}" for k, v in row["not_converged"].items())
               + f"; Anderson short where fixed_point converges: {row['anderson_short_where_fixed_point_converges']}, "
-              f"the reverse: {row['fixed_point_short_where_anderson_converges']}",
+              f"the reverse: {row['fixed_point_short_where_anderson_converges']}; Anderson's residuals there: "
+              + ", ".join(f"{r:.1e}" for r in sorted(row["anderson_short_residuals"])),
               flush=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = Path(args.out)
