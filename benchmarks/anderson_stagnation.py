@@ -1,6 +1,6 @@
 """Where Anderson stops short and plain iteration does not: per-sample convergence of the forward solve on small
-random DEQFusion models, for Anderson (defaults), Anderson with stagnation detection (``stall``) and fixed-point
-iteration. A convergence study, not a test.
+random DEQFusion models, for Anderson (defaults: history 5), with stagnation detection (``stall``: restart, then
+damped or undamped fixed-point iteration from the best iterate), with history 3, and fixed-point iteration. A convergence study, not a test.
 
     .venv/bin/python benchmarks/anderson_stagnation.py [--seeds 10] [--out benchmarks/results/anderson_stagnation]
 
@@ -25,7 +25,8 @@ from deqfusion_core import DEQFusion
 
 DIMS = [6, 8, 5]
 SOLVERS = {"anderson": ("anderson", {}), "anderson stall=10": ("anderson", {"stall": 10}),
-           "fixed_point": ("fixed_point", {})}
+           "anderson stall=10 undamped fallback": ("anderson", {"stall": 10, "stall_damping": 1.0}),
+           "anderson m=3": ("anderson", {"m": 3}), "fixed_point": ("fixed_point", {})}
 
 
 def scaled(m: DEQFusion, scale: float) -> DEQFusion:
