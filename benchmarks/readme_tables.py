@@ -150,7 +150,7 @@ def render_bench_runs(runs: list, source: str) -> str:
     lines += [f"| {name.format(shape=shape)} | " + " | ".join(v) + " |" for name, v in rows.items()]
     m = runs[0]["machine"]
     loads = [x for r in runs for x in (r["machine"]["load_avg_1m"], r.get("load_avg_1m_end", 0.0))]
-    paths = sorted({m["f_solver_steps"] if "f_solver_steps" in m else "torch ops" for r in runs for m in [r["machine"]]})
+    paths = sorted({r["machine"].get("f_solver_steps", "torch ops") for r in runs})
     return "\n".join(lines + ["", f"torch {m['torch']}, {m['threads']} threads on {m['cpus']} CPUs, load average "
                               f"{min(loads):.1f}-{max(loads):.1f}; f's solver steps: {'; '.join(paths)}; from "
                               f"`{source}`."]) + "\n"

@@ -193,13 +193,12 @@ class FuseBlock(nn.Module):
                     means = ((z_fuse + stacked) @ w + b).t().detach().float()
                 gate_means.append(means if present is None else means.masked_fill(~present, float("nan")))
         if fuse_mask is None:
+            if x_fuse_biased is None:
+                x_fuse_biased = x_fuse + self.fuse.bias
             if out is not None and self.gn.affine and kernels.usable(purified):   # GN(ReLU(h)) fused (no autograd)
                 h = torch.mm(purified, self.fuse.weight.t(), out=None if work is None else work[0])
                 return kernels.gn_fused(h, self.gn.num_groups, self.gn.eps, self.gn.weight, self.gn.bias,
-                                        add=x_fuse + self.fuse.bias if x_fuse_biased is None else x_fuse_biased,
-                                        pre=True, out=out)
-            if x_fuse_biased is None:
-                x_fuse_biased = x_fuse + self.fuse.bias
+                                        add=x_fuse_biased, pre=True, out=out)
             h = torch.addmm(x_fuse_biased, purified, self.fuse.weight.t())
         else:
             h = self.fuse(purified).mul_(fuse_mask).add_(x_fuse)

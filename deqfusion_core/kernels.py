@@ -90,7 +90,7 @@ def usable(x: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and _lib() is not None)
 
 
-def _strided(t: torch.Tensor | None, vector_ok=False):
+def _strided(t: torch.Tensor | None):
     """(pointer, matrix stride, row stride) of a [M, R, C] view, a [R, C] one (M = 1), or a channel vector [C] /
     [M, 1, C] broadcast over rows (row stride 0)."""
     if t is None:
