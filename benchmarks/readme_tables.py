@@ -49,18 +49,21 @@ def render(summary: dict, source: str) -> str:
     names = {"val": "val-selected", "final": "final", "test": "test-selected"}
     head = [f"{split} {metric}, {names.get(sel, sel)}" for sel, split in cols]
     lines = ["| arm (fusion) | " + " | ".join(head) + " | DEQ converged: train (last quarter) / eval | "
-             "mean solver steps (train) | wall time per run |", "|---|" + "---|" * (len(cols) + 3)]
+             "implicit backward converged (last quarter) | mean solver steps (train) | wall time per run |",
+             "|---|" + "---|" * (len(cols) + 4)]
     for name, arm in summary["arms"].items():
         cells = [_ms(arm["metrics"].get(sel, {}).get(split, {}).get(metric)) for sel, split in cols]
         sv = arm["solver"]
         conv = "–" if not sv else (f"{_ms(sv['train_converged_fraction_last_quarter'], 2)} / "
                                    f"{_ms(sv['eval_converged_fraction'], 2)}")
+        back = ("–" if not sv else "not recorded" if "backward_converged_fraction_last_quarter" not in sv
+                else _ms(sv["backward_converged_fraction_last_quarter"], 2))   # older summaries lack it
         steps = "–" if not sv else _ms(sv['mean_steps'], 1)   # max_iter in the summary is the evaluation cap
-        lines.append(f"| {name} ({arm['fusion']}) | " + " | ".join(cells) + f" | {conv} | {steps} | "
+        lines.append(f"| {name} ({arm['fusion']}) | " + " | ".join(cells) + f" | {conv} | {back} | {steps} | "
                      f"{_time(arm['wall_s']['mean'])} |")
     for pair in summary["paired"]:
         cells = [_ci(pair["metrics"].get(sel, {}).get(split, {}).get(metric)) for sel, split in cols]
-        lines.append(f"| {pair['arm']} − {pair['baseline']} (paired, 95% CI) | " + " | ".join(cells) + " | | | |")
+        lines.append(f"| {pair['arm']} − {pair['baseline']} (paired, 95% CI) | " + " | ".join(cells) + " | | | | |")
     return "\n".join(lines + _provenance(summary, source)) + "\n"
 
 

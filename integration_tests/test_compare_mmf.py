@@ -41,6 +41,9 @@ def test_compare_mmf_two_seeds_smoke_and_resume(tmp_path):
         assert all(k.startswith(FUSION_KEYS) for k in r["differs_from_baseline"]), r["differs_from_baseline"]
         assert r["solver"]["train_solves"] >= 4 and r["solver"]["eval_solves"] > 0
         assert r["solver"]["tol"] == 0.01 and r["solver"]["max_iter"] == 40   # easy_vqa_deq.yaml's recipe
+        # every training forward's implicit backward ran in MMF's loop and was recorded, with the recipe's cap
+        assert r["solver"]["backward_solves"] == r["solver"]["train_solves"]
+        assert r["solver"]["backward_max_iter"] == 10 and 0 <= r["solver"]["backward_converged_fraction_last_quarter"] <= 1
         # the numbers are MMF's own: its log's test accuracy (after restoring its best checkpoint) and the
         # validation accuracy at the update it selected
         log = "".join(p.read_text() for p in (out / "work" / f"deq-seed{r['seed']}" / "save" / "logs").glob("*.log"))

@@ -222,3 +222,31 @@ def test_solver_recorder_sees_every_deq_forward():
         easy(xs)
     assert rec.summary()["train_converged_fraction_last_quarter"] == 1.0
     assert rec.summary()["eval_converged_fraction"] is None
+    assert rec.summary()["backward_solves"] == 0 and rec.summary()["backward_converged_fraction_last_quarter"] is None
+
+
+def test_solver_recorder_reports_the_implicit_backward():
+    """The backward solve runs after the forward hook: the recorder reads it once it ran, per solve, with
+    the figures of the backward's own stats (a truncated backward shows as not converged)."""
+    import torch
+
+    from deqfusion_core import DEQFusion
+    from deqfusion_core.compare.record import SolverRecorder
+
+    torch.manual_seed(0)
+    xs = [torch.randn(6, 4), torch.randn(6, 4)]
+    for b_max_iter, b_tol in ((2, 1e-12), (60, 1e-4)):
+        fusion = DEQFusion([4, 4], 4, num_groups=2, f_max_iter=60, f_tol=1e-6, b_max_iter=b_max_iter, b_tol=b_tol)
+        seen = []
+        with SolverRecorder() as rec:
+            for _ in range(4):
+                out, _, stats = fusion(xs)
+                out.pow(2).sum().backward()
+                seen.append(stats.backward)
+            fusion(xs)                         # a forward whose backward never runs: not a backward solve
+        s = rec.summary()
+        assert s["backward_solves"] == 4 and (s["backward_tol"], s["backward_max_iter"]) == (b_tol, b_max_iter)
+        assert s["backward_converged_fraction_last_quarter"] == float(seen[-1].converged)
+        assert s["backward_mean_steps"] == seen[-1].nstep and s["backward_median_residual"] == pytest.approx(
+            seen[-1].rel_residual)
+        assert seen[-1].converged == (b_max_iter == 60)

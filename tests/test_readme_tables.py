@@ -60,6 +60,24 @@ def test_render_changes_with_the_summary(tmp_path):
     path.write_text(json.dumps(summary))
     doc = "x\n<!-- results: results/s/summary.json -->\nold\n<!-- /results -->\ny\n"
     new = tables.regenerate(doc, tmp_path)
-    assert "| baseline (sum) | 0.500 ± 0.010 | 0.400 | – | – | – | 1 min 01 s |" in new and "old" not in new
+    assert "| baseline (sum) | 0.500 ± 0.010 | 0.400 | – | – | – | – | 1 min 01 s |" in new and "old" not in new
     assert new.startswith("x\n<!-- results: results/s/summary.json -->\n| arm (fusion) |") and new.endswith("y\n")
     assert tables.regenerate(new, tmp_path) == new
+
+
+def test_backward_convergence_shown_and_not_recorded_said(tmp_path):
+    """A summary with the implicit backward's figures shows them; an older one says they were not recorded."""
+    sv = {"train_converged_fraction_last_quarter": {"mean": 0.99, "std": 0.01},
+          "eval_converged_fraction": {"mean": 1.0, "std": 0.0}, "mean_steps": {"mean": 12.0, "std": None}}
+    arm = {"fusion": "deq", "wall_s": {"mean": 10.0}, "metrics": {"val": {"val": {"accuracy": {"mean": 0.5}}}}}
+    path = tmp_path / "results" / "s" / "summary.json"
+    path.parent.mkdir(parents=True)
+    doc = "<!-- results: results/s/summary.json -->\n<!-- /results -->\n"
+    rows = []
+    for solver in (sv, {**sv, "backward_converged_fraction_last_quarter": {"mean": 0.25, "std": 0.05}}):
+        path.write_text(json.dumps({"metric": "accuracy", "primary_selection": "val", "selections": ["val"],
+                                    "seeds": [1], "commits": ["a"], "machines": ["m"], "commands": ["c"],
+                                    "arms": {"deq": {**arm, "solver": solver}}, "paired": []}))
+        rows.append(next(l for l in tables.regenerate(doc, tmp_path).splitlines() if l.startswith("| deq (deq)")))
+    assert "| 0.99 ± 0.01 / 1.00 ± 0.00 | not recorded | 12.0 |" in rows[0]
+    assert "| 0.99 ± 0.01 / 1.00 ± 0.00 | 0.25 ± 0.05 | 12.0 |" in rows[1]

@@ -61,7 +61,9 @@ def main(args) -> int:
     # MMF's logger (training.stdout_capture) takes over sys.stdout: progress and results go to the real one
     print = functools.partial(builtins.print, file=sys.__stdout__, flush=True)  # noqa: A001
     print(f"== training fusion {args.fusion} in MMF ({config.name}); MMF's full log: {out / 'save' / 'train.log'}")
-    with console(sys.__stdout__) as progress:
+    from deqfusion_core.compare.record import SolverRecorder
+
+    with console(sys.__stdout__) as progress, SolverRecorder() as recorder:
         run(opts=opts + list(args.mmf_opts))
     model = FusionClassifier.last_built() if FusionClassifier.last_built else None
     if model is None:
@@ -83,11 +85,20 @@ def main(args) -> int:
                             "converged_samples": int((residuals <= stats[0].tol).sum()), "samples": len(residuals)}
         max_updates = int(registry.get("config").training.max_updates)
         result["solver"]["train_converged_fraction_last_quarter"] = converged_fraction(progress.solves, max_updates)
+        back = recorder.summary() or {}
+        result["solver"].update({k: back.get(k) for k in (
+            "backward_converged_fraction_last_quarter", "backward_mean_steps", "backward_median_residual",
+            "backward_tol", "backward_max_iter", "backward_solves")})
         result["solver_log"] = progress.solves
         solver = result["solver"]
         print(f"== DEQ solver on validation: mean steps {solver['mean_steps']:.1f}/{solver['max_iter']}, max rel "
               f"residual {solver['max_rel_residual']:.2e}, converged {solver['converged_batches']}/{len(stats)} batches, "
               f"{solver['converged_samples']}/{solver['samples']} questions (tol {solver['tol']:g} {stats[0].stop})")
+        if solver["backward_solves"]:
+            print(f"== implicit backward in training (last quarter): converged "
+                  f"{100 * solver['backward_converged_fraction_last_quarter']:.1f}% of solves at tol "
+                  f"{solver['backward_tol']:g}, mean steps {solver['backward_mean_steps']:.1f}/"
+                  f"{solver['backward_max_iter']}, median residual {solver['backward_median_residual']:.2e}")
         conv = plot_convergence(stats, out / "convergence.png")
         print(f"== plots: {conv}", end="")
         if stats[0].gates is not None:

@@ -312,6 +312,8 @@ def run_study(comparison: Comparison, opts: StudyOptions,
             sv = record["solver"]
             conv = (f"; DEQ converged {_pct(sv['train_converged_fraction_last_quarter'])} of training solves "
                     f"(last quarter), {_pct(sv['eval_converged_fraction'])} of eval solves")
+            if sv.get("backward_converged_fraction_last_quarter") is not None:
+                conv += f", implicit backward {_pct(sv['backward_converged_fraction_last_quarter'])} (last quarter)"
         say(f"{tag}: done in {duration(result['wall_s'])}: {shown} (selected by {record['selected_by']}){conv}"
             f" | ETA study {duration(eta.remaining(i, arm, 0.0, 1.0) if i + 1 < len(todo) else 0.0)}")
 

@@ -18,6 +18,9 @@ SOLVER_FIELDS = {   # runs.jsonl `solver` field -> how the summary names it
     "mean_steps": "mean steps (train, last quarter)",
     "mean_steps_eval": "mean steps (eval)",
     "max_rel_residual_eval": "max eval rel residual",
+    "backward_converged_fraction_last_quarter": "implicit backward converged (train, last quarter)",
+    "backward_mean_steps": "mean backward steps (last quarter)",
+    "backward_median_residual": "median backward residual (last quarter)",
 }
 
 
@@ -78,6 +81,8 @@ def summarize(records: Sequence[dict], *, study: str, integration: str, metric: 
             entry["solver"]["tol"] = solvers[-1].get("tol")
             entry["solver"]["max_iter"] = solvers[-1].get("max_iter")
             entry["solver"]["max_iter_eval"] = solvers[-1].get("max_iter_eval")
+            entry["solver"]["backward_tol"] = solvers[-1].get("backward_tol")
+            entry["solver"]["backward_max_iter"] = solvers[-1].get("backward_max_iter")
         out["arms"][arm["name"]] = entry
     fusion_arms = [a["name"] for a in arms if a["is_fusion"]]
     for f in fusion_arms:
@@ -164,12 +169,16 @@ def render_markdown(s: dict) -> str:
     solver_arms = {a: v["solver"] for a, v in arms.items() if v["solver"]}
     if solver_arms:
         lines += ["", "## Convergence of the DEQ solves (per solve: every sample of the batch within tolerance)", "",
-                  "| arm | " + " | ".join(SOLVER_FIELDS.values()) + " | tol | max iter (train / eval) |",
-                  "|---|" + "---|" * (len(SOLVER_FIELDS) + 2)]
+                  "| arm | " + " | ".join(SOLVER_FIELDS.values()) + " | tol | max iter (train / eval) "
+                  "| backward tol / max iter |",
+                  "|---|" + "---|" * (len(SOLVER_FIELDS) + 3)]
         for a, sv in solver_arms.items():
             cells = [(_num(sv[f].get("max")) + " (max over seeds)") if f == "max_rel_residual_eval"
-                     else _ms(sv[f], 3) for f in SOLVER_FIELDS]
-            lines.append(f"| {a} | " + " | ".join(cells) + f" | {_num(sv['tol'])} | {sv['max_iter']} / {sv.get('max_iter_eval') or '–'} |")
+                     else _ms(sv.get(f), 3) for f in SOLVER_FIELDS]
+            back = ("–" if sv.get("backward_tol") is None
+                    else f"{_num(sv['backward_tol'])} / {sv.get('backward_max_iter')}")   # – : no implicit backward
+            lines.append(f"| {a} | " + " | ".join(cells) + f" | {_num(sv['tol'])} | {sv['max_iter']} / "
+                         f"{sv.get('max_iter_eval') or '–'} | {back} |")
     lines += ["", "## Wall time per run (mean ± std over seeds; total)", "", "| arm | per run | total |",
               "|---|---|---|"]
     for a, v in arms.items():
