@@ -146,3 +146,35 @@ def test_tracker_for_autograd_runs_every_row_and_reports_the_last_step():
                                                             stop="abs").nstep
     torch.testing.assert_close(res.abs_residuals, steps[-1], rtol=0, atol=0)
     assert res.converged and t.rows is None
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("max_iter", [12, 200])   # 12: some samples end unconverged at the cap
+def test_batched_solve_with_compaction_equals_each_sample_solved_alone(name, max_iter):
+    """The working set shrinks as samples stop, and the tracker keeps each sample's best iterate in the working
+    set's order: every sample's result, residuals and the per-step trace (the batch's max of the best relative
+    residual so far, samples that stopped included) are those of the sample solved alone."""
+    B, L = 7, 16
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(B, L, L, generator=g, dtype=torch.float64)
+    rho = torch.linspace(0.2, 0.9, B, dtype=torch.float64)     # samples stop at different steps
+    A = rho[:, None, None] * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+    c = torch.randn(B, L, generator=g, dtype=torch.float64)
+
+    def restricted(idx):
+        def f(z, rows):
+            r = idx if rows is None else idx[rows]
+            return torch.bmm(A[r], z[:, :, None])[:, :, 0] + c[r]
+        return f
+
+    batch = solve(restricted(torch.arange(B)), torch.zeros(B, L, dtype=torch.float64), name, max_iter=max_iter,
+                  tol=1e-9)
+    alone = [solve(restricted(torch.tensor([i])), torch.zeros(1, L, dtype=torch.float64), name, max_iter=max_iter,
+                   tol=1e-9) for i in range(B)]
+    torch.testing.assert_close(batch.z, torch.cat([a.z for a in alone]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(batch.rel_residuals, torch.cat([a.rel_residuals for a in alone]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(batch.abs_residuals, torch.cat([a.abs_residuals for a in alone]), rtol=0, atol=1e-12)
+    assert batch.nstep == max(a.nstep for a in alone) and batch.converged == all(a.converged for a in alone)
+    expected = [max(float(a.trace[min(k, a.nstep - 1)]) for a in alone) for k in range(batch.nstep)]
+    assert [float(t) for t in batch.trace] == pytest.approx(expected, rel=0, abs=1e-12)
+    assert (max_iter == 200) == batch.converged
