@@ -302,9 +302,18 @@ def summarise(records: list[dict]) -> dict:
                       "memory_kind": deq["memory"]["kind"], "steps_timed": [base["timing"]["steps_timed"],
                                                                            deq["timing"]["steps_timed"]],
                       "deq_mean_solver_steps": (deq["solver"] or {}).get("mean_steps"),
+                      "deq_converged_last_quarter": {   # training solves: forward, implicit backward
+                          "forward": (deq["solver"] or {}).get("train_converged_fraction_last_quarter"),
+                          "backward": (deq["solver"] or {}).get("backward_converged_fraction_last_quarter")},
                       "load_avg_1m": [base["load_avg_1m"], deq["load_avg_1m"]], "machine": deq["machine"],
                       "data": deq["data"], "command": deq["command"], "commit": deq["commit"]}
     return rows
+
+
+def _converged(row: dict) -> str:
+    """Forward / implicit backward converged fractions of the deq arm's last-quarter training solves."""
+    c = row.get("deq_converged_last_quarter") or {}
+    return " / ".join("-" if c.get(k) is None else f"{c[k]:.0%}" for k in ("forward", "backward"))
 
 
 def write_summary(out: Path, records: list[dict]) -> dict:
@@ -322,8 +331,9 @@ def write_summary(out: Path, records: list[dict]) -> dict:
              "integration's defaults.", "",
              "| upstream | baseline fusion | step baseline | step deq | deq / baseline | fusion fwd + bwd share of the "
              "deq step | deq: encoder fwd / fusion fwd / fusion bwd / other bwd / rest | baseline: encoder fwd / "
-             "other bwd / rest | peak memory deq / baseline | mean solver steps (deq, training) | load (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "other bwd / rest | peak memory deq / baseline | mean solver steps (deq, training) | training solves "
+             "converged (last quarter): forward / implicit backward | load (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         d, b = r["deq_parts_s"], r["baseline_parts_s"]
         steps = r["deq_mean_solver_steps"]
@@ -334,7 +344,7 @@ def write_summary(out: Path, records: list[dict]) -> dict:
             + " / ".join(ms(b[k]) for k in ("encoder_forward", "other_backward", "rest")) + " | "
             f"{r['peak_memory_ratio_deq_over_baseline']:.2f} ({r['peak_memory_bytes']['deq'] / 2**20:.0f} / "
             f"{r['peak_memory_bytes']['baseline'] / 2**20:.0f} MiB) | {'-' if steps is None else f'{steps:.1f}'} | "
-            f"{' / '.join(f'{x:.1f}' for x in r['load_avg_1m'])} |")
+            f"{_converged(r)} | {' / '.join(f'{x:.1f}' for x in r['load_avg_1m'])} |")
     lines += ["", "Data, commands, machine:", ""]
     for name, r in rows.items():
         lines.append(f"- {name}: {r['data']}; `{r['command']}`; commit {r['commit'][:12]}; {r['machine']}; "

@@ -102,18 +102,26 @@ def render_robustness(summary: dict, source: str) -> str:
     return "\n".join(lines + _provenance(summary, source)) + "\n"
 
 
+def _e2e_converged(row: dict) -> str:
+    c = row.get("deq_converged_last_quarter")
+    if c is None:
+        return "not recorded"     # summaries written before the fractions were
+    return " / ".join("–" if c.get(k) is None else f"{c[k]:.0%}" for k in ("forward", "backward"))
+
+
 def render_end_to_end(summary: dict, source: str) -> str:
     """The speed table (``<!-- results: PATH end_to_end -->``, benchmarks/end_to_end.py's summary): per upstream, the
     training step of deq against the upstream's own fusion, the DEQ's share of its step, and peak memory."""
     lines = ["| upstream (data) | baseline fusion | training step deq / baseline | DEQ fusion forward + backward, "
-             "share of the deq step | peak memory deq / baseline | mean DEQ solver steps (training) |",
-             "|---|---|---|---|---|---|"]
+             "share of the deq step | peak memory deq / baseline | mean DEQ solver steps (training) | training solves "
+             "converged (last quarter): forward / implicit backward |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in summary.items():
         step = r["step_s"]
         lines.append(f"| {name}: {r['data']} | {r['baseline_fusion']} | {r['step_ratio_deq_over_baseline']:.2f} "
                      f"({step['deq'] * 1e3:.1f} vs {step['baseline'] * 1e3:.1f} ms) | "
                      f"{r['fusion_share_of_deq_step']:.0%} | {r['peak_memory_ratio_deq_over_baseline']:.2f} | "
-                     f"{r['deq_mean_solver_steps']:.1f} |")
+                     f"{r['deq_mean_solver_steps']:.1f} | {_e2e_converged(r)} |")
     commits = sorted({r["commit"][:10] for r in summary.values()})
     machines = sorted({r["machine"] for r in summary.values()})
     load = max(max(r["load_avg_1m"]) for r in summary.values())

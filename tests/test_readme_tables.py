@@ -81,3 +81,14 @@ def test_backward_convergence_shown_and_not_recorded_said(tmp_path):
         rows.append(next(l for l in tables.regenerate(doc, tmp_path).splitlines() if l.startswith("| deq (deq)")))
     assert "| 0.99 ± 0.01 / 1.00 ± 0.00 | not recorded | 12.0 |" in rows[0]
     assert "| 0.99 ± 0.01 / 1.00 ± 0.00 | 0.25 ± 0.05 | 12.0 |" in rows[1]
+
+
+def test_end_to_end_view_shows_forward_and_backward_convergence():
+    row = {"data": "d", "baseline_fusion": "sum", "step_ratio_deq_over_baseline": 2.0,
+           "step_s": {"deq": 0.02, "baseline": 0.01}, "fusion_share_of_deq_step": 0.5,
+           "peak_memory_ratio_deq_over_baseline": 1.1, "deq_mean_solver_steps": 9.0, "commit": "abcdef123456",
+           "machine": "m", "load_avg_1m": [0.5, 0.6]}
+    old = tables.render_end_to_end({"x": row}, "s.json")
+    new = tables.render_end_to_end({"x": {**row, "deq_converged_last_quarter": {"forward": 0.96, "backward": 1.0}}},
+                                   "s.json")
+    assert "| 9.0 | not recorded |" in old and "| 9.0 | 96% / 100% |" in new
