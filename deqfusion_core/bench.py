@@ -115,10 +115,12 @@ def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: i
 
 
 def machine() -> dict:
-    """Where a timing ran: torch, threads and the load average (timings under load > cores are noisy)."""
+    """Where a timing ran: torch, threads, the load average (timings under load > cores are noisy) and the
+    project's commit (``+dirty`` with uncommitted changes; None outside a git checkout)."""
     from . import kernels
+    from .compare.study import project_commit
     return dict(torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
-                load_avg_1m=os.getloadavg()[0], f_solver_steps=kernels.status())
+                load_avg_1m=os.getloadavg()[0], f_solver_steps=kernels.status(), commit=project_commit())
 
 
 def fmt_cost(r: dict) -> str:

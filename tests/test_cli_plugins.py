@@ -178,3 +178,14 @@ def test_bench_prints_steps_and_times_per_tolerance():
     assert [line.split(":")[0] for line in lines] == ["f_tol 0.001 b_tol 0.001", "f_tol 0.0001 b_tol 0.0001",
                                                       "f_tol 1e-06 b_tol 0.0003"]
     assert all("train step" in line and "steps" in line for line in lines)
+
+
+def test_bench_machine_names_the_commit():
+    """Every timing file records the commit it ran at (from the checkout the package is imported from)."""
+    from deqfusion_core.bench import machine
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout: machine() reports commit None")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert machine()["commit"].split("+")[0] == head
