@@ -74,3 +74,38 @@ void gn_fused(long M, long R, long C, long G,
         }
     }
 }
+
+/* A solver step's bookkeeping, one pass per row r < R of C entries (rows addressed by row strides):
+ *     g[r] = fx[r] - x[r];  f[r] = fx[r] (if f);  gn[r] = ||g[r]||;  fn[r] = ||fx[r]||
+ * the residual and Anderson's history slots written while the row is read once. */
+void residual(long R, long C, const float *fx, long fxs, const float *x, long xs, float *f, long fs,
+              float *g, long gs, float *gn, float *fn, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (long r = 0; r < R; r++) {
+        const float *a = fx + r * fxs, *b = x + r * xs;
+        float *gr = g + r * gs, sg = 0.f, sf = 0.f;
+        if (f) {
+            float *fr = f + r * fs;
+            #pragma omp simd reduction(+:sg, sf)
+            for (long k = 0; k < C; k++) { const float d = a[k] - b[k]; gr[k] = d; fr[k] = a[k]; sg += d * d; sf += a[k] * a[k]; }
+        } else {
+            #pragma omp simd reduction(+:sg, sf)
+            for (long k = 0; k < C; k++) { const float d = a[k] - b[k]; gr[k] = d; sg += d * d; sf += a[k] * a[k]; }
+        }
+        gn[r] = sqrtf(sg);
+        fn[r] = sqrtf(sf);
+    }
+}
+
+/* best[rows[r]] = x[r] for the rows r < R with take[r] (rows NULL: best[r]); the best-iterate update of a
+ * solver step, touching only the rows that improved */
+void copy_rows(long R, long C, const float *x, long xs, const unsigned char *take, const long *rows,
+               float *best, long bs, int nt) {
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (long r = 0; r < R; r++) {
+        if (!take[r]) continue;
+        const float *src = x + r * xs;
+        float *dst = best + (rows ? rows[r] : r) * bs;
+        for (long k = 0; k < C; k++) dst[k] = src[k];
+    }
+}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["status", "usable", "gn_fused"]
+__all__ = ["status", "usable", "gn_fused", "residual", "copy_rows"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
@@ -64,6 +64,10 @@ def _build() -> ctypes.CDLL:
     L, P, F, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     dll.gn_fused.argtypes = [L, L, L, L, P, L, L, P, L, L, P, P, L, P, L, L, P, P, P, L, L, F, I, I, I]
     dll.gn_fused.restype = None
+    dll.residual.argtypes = [L, L, P, L, P, L, P, L, P, L, P, P, I]
+    dll.residual.restype = None
+    dll.copy_rows.argtypes = [L, L, P, L, P, P, P, L, I]
+    dll.copy_rows.restype = None
     return dll
 
 
@@ -119,3 +123,31 @@ def gn_fused(x, groups: int, eps: float, weight, bias, *, add=None, pre=False, r
                     *_strided(res), ptr(tail[0]), ptr(tail[1]), *_strided(out), eps, int(pre), int(post),
                     torch.get_num_threads())
     return out
+
+
+def _rows(t: torch.Tensor) -> tuple[int, int]:
+    """(pointer, row stride) of a [R, C] view with contiguous rows."""
+    if t.dim() != 2 or t.stride(1) != 1:
+        raise ValueError("kernels: expected a [R, C] view with contiguous rows")
+    return t.data_ptr(), t.stride(0)
+
+
+def residual(fx: torch.Tensor, x: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None = None):
+    """A solver step's residual in one pass: ``g`` = fx - x and (``f`` given) ``f`` = fx, written in place, and
+    the row norms ``(||g||, ||fx||)`` returned ([R] each). Views with contiguous rows; callers check
+    :func:`usable`."""
+    R, C = fx.shape
+    gn, fn = fx.new_empty(R), fx.new_empty(R)
+    fp, fs = _rows(f) if f is not None else (None, 0)
+    _lib().residual(R, C, *_rows(fx), *_rows(x), fp, fs, *_rows(g), gn.data_ptr(), fn.data_ptr(),
+                    torch.get_num_threads())
+    return gn, fn
+
+
+def copy_rows(x: torch.Tensor, take: torch.Tensor, rows: torch.Tensor | None, best: torch.Tensor) -> None:
+    """``best[rows[r]] = x[r]`` where ``take[r]`` (``rows`` None: ``best[r]``), in place: only the rows taken are
+    read and written. Callers check :func:`usable`."""
+    take = take.to(torch.uint8).contiguous()
+    rows = None if rows is None else rows.to(torch.long).contiguous()
+    _lib().copy_rows(x.shape[0], x.shape[1], *_rows(x), take.data_ptr(), None if rows is None else rows.data_ptr(),
+                     *_rows(best), torch.get_num_threads())

@@ -28,6 +28,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from . import kernels
 from ._registry import registry
 from .stats import DEQConvergenceError, SolveResult, SolverStats
 
@@ -130,14 +131,18 @@ class Tracker:
         self.keep_at = snapshot_steps(max_iter, keep) if keep else []
         self.iterates: list[torch.Tensor] = []
 
-    def update(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Record step ``x -> fx`` (residual ``g = fx - x``) for the working set. When some samples stopped,
-        returns ``compact``: the caller applies it to each of its per-sample tensors (dim 0 = working set)."""
+    def update(self, x: torch.Tensor, fx: torch.Tensor, g: torch.Tensor | None = None,
+               norms: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Record step ``x -> fx`` (residual ``g = fx - x``; ``norms``: its row norms and fx's, when the caller
+        has them) for the working set. When some samples stopped, returns ``compact``: the caller applies it
+        to each of its per-sample tensors (dim 0 = working set)."""
         self.nstep += 1
         rows = self.rows
-        g = fx - x if g is None else g
-        abs_res = g.norm(dim=1)
-        rel_res = abs_res / (fx.norm(dim=1) + self.eps)
+        if norms is None:
+            g = fx - x if g is None else g
+            norms = g.norm(dim=1), fx.norm(dim=1)
+        abs_res = norms[0]
+        rel_res = abs_res / (norms[1] + self.eps)
         res = rel_res if self.stop == "rel" else abs_res
         self.last_res = res   # this step's residual per working-set row (before any compaction)
         if self.autograd:  # the caller returns its last iterate: report its step
@@ -172,12 +177,16 @@ class Tracker:
         best_res = self.best_rel if self.stop == "rel" else self.best_abs
         prev = best_res if rows is None else best_res[rows]
         better = res < prev
-        if rows is None:  # torch.where keeps this free of host syncs; in place: no new [B, L] buffer per step
+        if kernels.usable(x) and x.stride(1) == 1:   # the CPU: copy only the rows that improved
+            kernels.copy_rows(x, better, rows, self.best)
+        elif rows is None:  # torch.where keeps this free of host syncs; in place: no new [B, L] buffer per step
             torch.where(better[:, None], x, self.best, out=self.best)
+        else:
+            self.best[rows] = torch.where(better[:, None], x, self.best[rows])
+        if rows is None:
             self.best_abs = torch.where(better, abs_res, self.best_abs)
             self.best_rel = torch.where(better, rel_res, self.best_rel)
         else:
-            self.best[rows] = torch.where(better[:, None], x, self.best[rows])
             self.best_abs[rows] = torch.where(better, abs_res, self.best_abs[rows])
             self.best_rel[rows] = torch.where(better, rel_res, self.best_rel[rows])
 
@@ -268,9 +277,12 @@ def anderson(f: FixedPointMap, z0: torch.Tensor, *, max_iter: int = 50, tol: flo
     while True:
         fx = f(x, t.rows)
         j = k % m
-        F[:, j] = fx
-        g = torch.sub(fx, x, out=G[:, j])
-        compact = t.update(x, fx, g)
+        if kernels.usable(fx) and fx.stride(1) == x.stride(1) == 1:   # the CPU: one pass for all four
+            g, norms = G[:, j], kernels.residual(fx, x, G[:, j], F[:, j])
+        else:
+            F[:, j] = fx
+            g, norms = torch.sub(fx, x, out=G[:, j]), None
+        compact = t.update(x, fx, g, norms)
         if t.done:
             return t.result() if watch is None else watch.report(t.result())
         if watch is not None:

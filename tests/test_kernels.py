@@ -147,3 +147,59 @@ def test_nan_propagates_as_through_torch_ops(monkeypatch, calls):
         slow = m.layer(z, m.inject(xs))
     assert calls[0] > 0 and fast[2].isnan().any()
     torch.testing.assert_close(fast.isnan(), slow.isnan())
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the solvers' bookkeeping runs torch ops")
+def test_residual_and_copy_rows_are_their_formulas_on_strided_views():
+    torch.manual_seed(0)
+    F_hist, G_hist = torch.randn(9, 5, 37), torch.randn(9, 5, 37)
+    fx, x = torch.randn(9, 37), torch.randn(9, 2, 37)[:, 1]      # x: row stride 74
+    gn, fn = kernels.residual(fx, x, G_hist[:, 3], F_hist[:, 3])
+    assert torch.equal(G_hist[:, 3], fx - x) and torch.equal(F_hist[:, 3], fx)
+    torch.testing.assert_close(gn, (fx - x).norm(dim=1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(fn, fx.norm(dim=1), rtol=1e-6, atol=0)
+    before = G_hist.clone()
+    kernels.residual(fx, x, G_hist[:, 0])                          # without the f history
+    assert torch.equal(G_hist[:, 0], fx - x) and torch.equal(G_hist[:, 1:], before[:, 1:])
+    take = torch.tensor([True, False, True, True, False, False, True, False, True])
+    rows = torch.tensor([11, 3, 0, 7, 5, 2, 9, 1, 4])
+    best = torch.randn(12, 37)
+    expected = best.clone()
+    expected[rows[take]] = x[take]
+    kernels.copy_rows(x, take, rows, best)
+    assert torch.equal(best, expected)
+    best, expected = torch.randn(9, 37), None
+    expected = torch.where(take[:, None], x, best)
+    kernels.copy_rows(x, take, None, best)
+    assert torch.equal(best, expected)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the solvers' bookkeeping runs torch ops")
+@pytest.mark.parametrize("name", ["anderson", "fixed_point", "broyden"])
+def test_solver_bookkeeping_kernels_equal_torch_ops(name, monkeypatch):
+    """float32 on the CPU without autograd, the solvers' residual and best-iterate updates run the kernels
+    (spied: they are used); the solve equals the torch ops' one, working-set compaction included."""
+    from deqfusion_core import solve
+
+    B, L = 12, 24
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(B, L, L, generator=g)
+    A = torch.linspace(0.2, 0.9, B)[:, None, None] * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+    c = torch.randn(B, L, generator=g)
+
+    def f(z, rows):
+        Ar, cr = (A, c) if rows is None else (A[rows], c[rows])
+        return torch.bmm(Ar, z[:, :, None])[:, :, 0] + cr
+
+    used = {"residual": 0, "copy_rows": 0}
+    for k in used:
+        real = getattr(kernels, k)
+        monkeypatch.setattr(kernels, k, lambda *a, _real=real, _k=k: (used.__setitem__(_k, used[_k] + 1), _real(*a))[1])
+    with torch.no_grad():
+        fast = solve(f, torch.zeros(B, L), name, max_iter=60, tol=1e-5)
+        monkeypatch.setattr(kernels, "_STATE", {"lib": None, "why": "off for this test"})
+        slow = solve(f, torch.zeros(B, L), name, max_iter=60, tol=1e-5)
+    assert used["copy_rows"] == fast.nstep and used["residual"] == (fast.nstep if name == "anderson" else 0)
+    assert fast.nstep == slow.nstep and fast.converged and slow.converged
+    torch.testing.assert_close(fast.z, slow.z, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.rel_residuals, slow.rel_residuals, rtol=1e-4, atol=1e-9)
