@@ -28,6 +28,7 @@ Writes ``runs.jsonl`` (one arm a line, RESULTS.md's fields where they apply, plu
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -226,10 +227,12 @@ def worker(job_path: str) -> int:
     return 0
 
 
-def run_arm(name: str, comparison, arm, upstream, upstream_args, tmp: Path, threads: int, log: Path) -> dict:
+def run_arm(name: str, comparison, arm, upstream, upstream_args, tmp: Path, threads: int, log: Path,
+            fusion_options: dict | None = None) -> dict:
     run_dir = tmp / f"run-{arm.name}"
+    options = (fusion_options or {}) if arm.is_fusion else {}    # DEQFusion keywords: the deq arm's only
     job = {"comparison": comparison.ref, "upstream": None if upstream is None else str(upstream), "threads": threads,
-           "argv": comparison.argv(arm, 1, {}, upstream_args, run_dir), "run_dir": str(run_dir),
+           "argv": comparison.argv(arm, 1, options, upstream_args, run_dir), "run_dir": str(run_dir),
            "result": str(tmp / f"result-{arm.name}.json")}
     (tmp / f"job-{arm.name}.json").write_text(json.dumps(job))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
@@ -244,7 +247,7 @@ def run_arm(name: str, comparison, arm, upstream, upstream_args, tmp: Path, thre
     return {**json.loads(Path(job["result"]).read_text()), "wall_s": round(time.perf_counter() - start, 1)}
 
 
-def study(name: str, steps: int, threads: int, out: Path, command: str) -> list[dict]:
+def study(name: str, steps: int, threads: int, out: Path, command: str, fusion_options: dict | None = None) -> list[dict]:
     from deqfusion_core import plugins
     from deqfusion_core.compare.study import plan_arms
 
@@ -260,7 +263,7 @@ def study(name: str, steps: int, threads: int, out: Path, command: str) -> list[
         for arm in plan_arms(comparison, None, []):
             log = out / "work" / f"{name}-{arm.name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            r = run_arm(name, comparison, arm, upstream, args, tmp, threads, log)
+            r = run_arm(name, comparison, arm, upstream, args, tmp, threads, log, fusion_options)
             machine = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} torch thread(s)"
             if r["cuda"]:
                 machine += f", {torch.cuda.get_device_name(0)}"
@@ -268,6 +271,7 @@ def study(name: str, steps: int, threads: int, out: Path, command: str) -> list[
                             "seed": 1, "command": command, "commit": commit(), "selected_by": None, "val": None,
                             "test": None, "solver": r["solver"] if arm.is_fusion else None, "timing": r["timing"],
                             "memory": r["memory"], "data": data_note,
+                            "fusion_options": (fusion_options or {}) if arm.is_fusion else {},
                             "upstream_args": [a.replace(str(tmp), "$TMP") for a in args], "wall_s": r["wall_s"],
                             "train_s": r["train_s"], "load_avg_1m": os.getloadavg()[0], "machine": machine})
             print(f"{name} {arm.name}: {fmt_timing(records[-1])}", flush=True)
@@ -306,7 +310,8 @@ def summarise(records: list[dict]) -> dict:
                           "forward": (deq["solver"] or {}).get("train_converged_fraction_last_quarter"),
                           "backward": (deq["solver"] or {}).get("backward_converged_fraction_last_quarter")},
                       "load_avg_1m": [base["load_avg_1m"], deq["load_avg_1m"]], "machine": deq["machine"],
-                      "data": deq["data"], "command": deq["command"], "commit": deq["commit"]}
+                      "data": deq["data"], "command": deq["command"], "commit": deq["commit"],
+                      "deq_fusion_options": deq.get("fusion_options") or {}}
     return rows
 
 
@@ -347,8 +352,9 @@ def write_summary(out: Path, records: list[dict]) -> dict:
             f"{_converged(r)} | {' / '.join(f'{x:.1f}' for x in r['load_avg_1m'])} |")
     lines += ["", "Data, commands, machine:", ""]
     for name, r in rows.items():
+        opts = r.get("deq_fusion_options")
         lines.append(f"- {name}: {r['data']}; `{r['command']}`; commit {r['commit'][:12]}; {r['machine']}; "
-                     f"memory: {r['memory_kind']}")
+                     f"memory: {r['memory_kind']}" + (f"; deq arm's fusion options {opts}" if opts else ""))
     lines += ["", "Load is the machine's 1-minute load average when each arm finished (2 cores shared with other",
               "work: timings under a load above the core count are noisy; the ratios compare arms run one after the",
               "other in the same invocation)."]
@@ -364,18 +370,26 @@ def main(argv=None) -> int:
                    + ", ".join(f"{k} {v[1]}" for k, v in RECIPES.items()) + ")")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per arm (default 1: two threads on a loaded 2-core machine stall on each other)")
+    p.add_argument("-o", "--fusion-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a DEQFusion keyword for the deq arm over the integration's defaults (a Python literal), "
+                        "e.g. -o b_max_iter=40")
     a = study_args(p, argv, RECIPES, "upstream")
     if a.worker:
         return worker(a.worker)
     if a.steps is not None and a.steps < 2 * WARMUP + 1:
         p.error(f"--steps: at least {2 * WARMUP + 1} (the first {WARMUP} are not timed)")
+    from deqfusion_core.options import parse_fusion_option
+    try:
+        options = dict(parse_fusion_option(o) for o in a.fusion_option)
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / ".gitignore").write_text("work/\n")
     command = shlex.join(["python", "benchmarks/end_to_end.py", *(argv if argv is not None else sys.argv[1:])])
     records = []
     runs = a.out / "runs.jsonl"
     for name in a.names:
-        new = study(name, a.steps or RECIPES[name][1], a.threads, a.out, command)
+        new = study(name, a.steps or RECIPES[name][1], a.threads, a.out, command, options)
         with open(runs, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in new)
         records += new
