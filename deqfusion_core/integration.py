@@ -223,10 +223,23 @@ def git_describe(root: Path) -> str | None:
 
 
 class NonConvergence:
-    """Reports DEQ solves that did not converge: a RuntimeWarning the first time and then every ``every`` times."""
+    """Reports DEQ solves that did not converge: a RuntimeWarning the first time and then every ``every`` times,
+    for the forward solves (``check``) and, apart, the implicit backward's (``check_backward``)."""
 
     def __init__(self, what: str, every: int = 50, hint: str = ""):
-        self.what, self.every, self.hint, self.count = what, every, hint, 0
+        self.what, self.every, self.hint, self.count, self.backward_count = what, every, hint, 0, 0
+
+    def check_backward(self, stats) -> None:
+        """The implicit backward's solve of the forward of ``stats`` (checked at the next forward: it runs later)."""
+        b = None if stats is None else stats.backward
+        if b is None or b.converged:
+            return
+        self.backward_count += 1
+        if self.backward_count % self.every == 1:
+            warnings.warn(f"{self.what} DEQ fusion's implicit backward did not converge ({self.backward_count} backward "
+                          f"solves so far): relative residual {b.rel_residual:.2e} after {b.nstep} steps "
+                          f"(b_tol={b.tol}); its gradient is that far from the implicit one: raise b_max_iter",
+                          RuntimeWarning, stacklevel=4)
 
     def check(self, stats) -> None:
         if stats.converged:
@@ -267,6 +280,7 @@ class FusionAdapter(nn.Module):
     def fuse(self, xs: Sequence[torch.Tensor], **solve: Any) -> torch.Tensor:
         """The fused state [B, dim] of ``xs``; ``solve``: DEQFusion.forward's ``z0``/``warm_start``."""
         xs = list(xs)
+        self.nonconvergence.check_backward(self.last_stats)   # the previous forward's backward has run by now
         fused, jac_loss, stats = self.deq(xs, **solve)
         self.last_stats, self.last_jac_loss = stats, jac_loss
         self.nonconvergence.check(stats)

@@ -189,6 +189,29 @@ def test_nonconvergence_is_reported_the_first_time_and_then_every_n():
     assert not adapter.last_stats.converged
 
 
+@pytest.mark.parametrize("b_max_iter", [1, 60])
+def test_a_backward_that_did_not_converge_is_reported_at_the_next_forward(b_max_iter):
+    from conftest import make_contractive
+
+    torch.manual_seed(0)
+    adapter = Pair([4, 4], 8, {"f_max_iter": 100, "f_tol": 1e-6, "num_groups": 2, "b_max_iter": b_max_iter,
+                               "b_tol": 1e-6}).train()
+    make_contractive(adapter.deq)
+    x, w = torch.randn(3, 4), torch.randn(3, 8)   # (a plain sum has no gradient through f's last GroupNorm)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            (adapter(x, x) * w).sum().backward()
+        adapter(x, x)
+    backward = [str(w.message) for w in caught if "implicit backward" in str(w.message)]
+    assert adapter.last_stats.converged and all("DEQ fusion did not converge" not in str(w.message) for w in caught)
+    if b_max_iter == 60:      # converged: nothing to report
+        assert backward == []
+    else:                     # the first of three non-converged backward solves, seen at the second forward
+        assert len(backward) == 1 and backward[0].startswith("Toy DEQ fusion's implicit backward did not converge "
+                                                             "(1 backward solves so far)") and "after 1 steps" in backward[0]
+
+
 # -- process ---------------------------------------------------------------------------------------------------
 def test_run_main_swaps_argv_and_turns_systemexit_into_the_exit_code(tmp_path, capsys):
     seen = []
