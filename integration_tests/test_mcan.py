@@ -127,6 +127,9 @@ loss = torch.nn.BCELoss(reduction="sum")(pred, target)
 loss.backward()
 print("KEYS", any(k.startswith("deq_fusion.") for k in net.state_dict()))
 print("GRAD", net.deq_fusion.deq.weights.grad.tolist() if hasattr(net, "deq_fusion") else None)
+if hasattr(net, "deq_fusion"):
+    b = net.deq_fusion.last_stats.backward
+    print("BACKWARD", net.deq_fusion.deq.b_max_iter, b.nstep, b.converged)
 """
 
 
@@ -140,6 +143,8 @@ def test_jacobian_term_reaches_the_summed_loss(tmp_path, checkout):
                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, cwd=checkout, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "KEYS True" in out.stdout
+        cap, steps = out.stdout.split("BACKWARD", 1)[1].split()[:2]
+        assert cap == "40" and 1 <= int(steps) <= 40      # MCAN's recipe: backward cap 40 (DEQFusion's default: 10)
         grads.append(eval(out.stdout.split("GRAD", 1)[1].splitlines()[0]))
     assert grads[0] != pytest.approx(grads[1], rel=1e-4)
 
