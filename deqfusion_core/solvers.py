@@ -177,7 +177,7 @@ class Tracker:
         best_res = self.best_rel if self.stop == "rel" else self.best_abs
         prev = best_res if rows is None else best_res[rows]
         better = res < prev
-        if kernels.usable(x) and x.stride(1) == 1:   # the CPU: copy only the rows that improved
+        if kernels.usable(x) and x.stride(1) == self.best.stride(1) == 1:   # the CPU: copy only the rows improved
             kernels.copy_rows(x, better, rows, self.best)
         elif rows is None:  # torch.where keeps this free of host syncs; in place: no new [B, L] buffer per step
             torch.where(better[:, None], x, self.best, out=self.best)
