@@ -140,14 +140,15 @@ def render_bench_runs(runs: list, source: str) -> str:
     matching their JSON files): f and its VJP against their matrix products in both regimes, the forward solve's
     overhead, and the training step at gradient error <= 1e-3 against the reference's fastest there."""
     cols = [f"run {i + 1}" for i in range(len(runs))]
-    rows = {"one f / its matrix products, {shape}": [], "one VJP / its matrix products": [],
+    rows = {"its matrix products alone, {shape}": [], "one f / its matrix products": [],
+            "one VJP / its matrix products": [],
             "one f at 64 x 6 x 64 (/ its 14 products)": [], "training step at 64 x 6 x 64, 30-step solves": [],
             "forward solve time / (f evaluations x one f)": [], "train step, our fastest at gradient error <= 1e-3": [],
             "the reference's fastest at <= 1e-3": [], "ratio (reference / ours)": []}
     for r in runs:
         big, small = r["cost"]["large"], r["cost"]["small"]
         ours, ref = _fastest(r["train_step"], "deqfusion", 1e-3), _fastest(r["train_step"], "reference", 1e-3)
-        vals = [f"{big['f_over_matmuls']:.2f}", f"{big['vjp_over_matmuls']:.2f}",
+        vals = [f"{big['matmuls_s'] * 1e3:.2f} ms", f"{big['f_over_matmuls']:.2f}", f"{big['vjp_over_matmuls']:.2f}",
                 f"{small['one_f_s'] * 1e3:.3f} ms ({small['f_over_matmuls']:.1f})", f"{small['train_step_s'] * 1e3:.1f} ms",
                 f"{r['forward']['deqfusion (per-sample rel 1e-3)']['overhead']:.2f}",
                 "not reached" if ours is None else f"{ours[1]:.2f} s ({ours[0].removeprefix('deqfusion ')})",
@@ -162,9 +163,10 @@ def render_bench_runs(runs: list, source: str) -> str:
     m = runs[0]["machine"]
     loads = [x for r in runs for x in (r["machine"]["load_avg_1m"], r.get("load_avg_1m_end", 0.0))]
     paths = sorted({r["machine"].get("f_solver_steps", "torch ops") for r in runs})
+    commits = sorted({str(r["machine"]["commit"])[:10] for r in runs if r["machine"].get("commit")})
     return "\n".join(lines + ["", f"torch {m['torch']}, {m['threads']} threads on {m['cpus']} CPUs, load average "
-                              f"{min(loads):.1f}-{max(loads):.1f}; f's solver steps: {'; '.join(paths)}; from "
-                              f"`{source}`."]) + "\n"
+                              f"{min(loads):.1f}-{max(loads):.1f}; f's solver steps: {'; '.join(paths)}; "
+                              + (f"commit {', '.join(commits)}; " if commits else "") + f"from `{source}`."]) + "\n"
 
 
 VIEWS = {None: render, "robustness": render_robustness, "end_to_end": render_end_to_end, "bench_runs": render_bench_runs}
