@@ -321,6 +321,16 @@ def commit() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
+def _backward(s: dict) -> str:
+    """The implicit backward's last-quarter convergence of a run's solver summary ("not recorded" before it was)."""
+    if "backward_converged_fraction_last_quarter" not in s:
+        return "not recorded"
+    if s["backward_converged_fraction_last_quarter"] is None:
+        return "-"
+    return (f"{s['backward_converged_fraction_last_quarter']:.0%} ({s['backward_mean_steps']:.1f} / "
+            f"{s['backward_max_iter']})")
+
+
 def converged(record: dict) -> bool:
     s = record["solver"] or {}
     return all((s.get(k) or 0) >= TARGET for k in ("train_converged_fraction_last_quarter", "eval_converged_fraction"))
@@ -342,9 +352,10 @@ def write_summary(out: Path) -> None:
              "its own, so those CM-BERT runs cannot be repeated; the MultiBench runner and MCAN seed themselves, "
              "`--seed 0` and `--SEED=1`; block's runner seeds itself with `--misc.seed`, the run's seed).", "",
              "| recipe | seed | settings over the integration's defaults | resolved fusion options | DEQFusion as built | epochs "
-             "| train converged (last quarter) | eval converged | mean steps train / eval | max eval rel residual | "
+             "| train converged (last quarter) | eval converged | implicit backward converged (last quarter; mean "
+             "steps / cap) | mean steps train / eval | max eval rel residual | "
              "tol / cap (last solve) | solves train / eval | wall | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         s = r["solver"] or {}
         opts = ", ".join(f"{k}={v}" for k, v in sorted(r["settings"].items()))
@@ -356,7 +367,7 @@ def write_summary(out: Path) -> None:
                                                                             "f_max_iter_eval") if k in built)
         lines.append(f"| {r['recipe']} | {r['seed'] if r.get('seeded') else '-'} | {over} | {opts} | {built} | {r['epochs']} | "
                      f"{pct(s.get('train_converged_fraction_last_quarter'))} | {pct(s.get('eval_converged_fraction'))} "
-                     f"| {steps} | {res} | {s.get('tol')} / {s.get('max_iter')} | {s.get('train_solves')} / "
+                     f"| {_backward(s)} | {steps} | {res} | {s.get('tol')} / {s.get('max_iter')} | {s.get('train_solves')} / "
                      f"{s.get('eval_solves')} | {r['wall_s']:.0f} s | {r['commit'][:10]}{'+dirty' * r['commit'].endswith('+dirty')} |")
     diagnosed = [(i, r) for i, r in enumerate(records, 1) if r.get("diagnosis")]
     if diagnosed:
