@@ -209,7 +209,7 @@ def test_a_backward_that_did_not_converge_is_reported_at_the_next_forward(b_max_
         assert backward == []
     else:                     # the first of three non-converged backward solves, seen at the second forward
         assert len(backward) == 1 and backward[0].startswith("Toy DEQ fusion's implicit backward did not converge "
-                                                             "(1 backward solves so far)") and "after 1 steps" in backward[0]
+                                                             "(1 backward solves so far)") and "after 1/1 steps" in backward[0]
 
 
 # -- process ---------------------------------------------------------------------------------------------------
