@@ -238,7 +238,7 @@ class NonConvergence:
         if self.backward_count % self.every == 1:
             warnings.warn(f"{self.what} DEQ fusion's implicit backward did not converge ({self.backward_count} backward "
                           f"solves so far): relative residual {b.rel_residual:.2e} after {b.nstep}/{b.max_iter} steps "
-                          f"(b_tol={b.tol}); its gradient is that far from the implicit one: raise b_max_iter",
+                          f"(b_tol={b.tol}): the gradient is not the implicit one; raise b_max_iter",
                           RuntimeWarning, stacklevel=3)
 
     def check(self, stats) -> None:
