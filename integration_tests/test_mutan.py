@@ -97,11 +97,12 @@ def test_mutan_att_trains_through_its_engine(tmp_path, skipthoughts_dir):
 
 def test_contractive_norm_by_default_which_options_override():
     """The fusion the patched MutanAtt builds takes the plugin's resolved options: the contractive norm (ours,
-    plugin.CONVERGENCE) unless `-o norm=none` (DEQFusion's default) or another norm is given."""
-    assert plugin.CONVERGENCE == {"norm": "contractive"}
+    plugin.CONVERGENCE) unless `-o norm=none` (DEQFusion's default) or another norm is given; the backward cap 40."""
+    assert plugin.CONVERGENCE == {"norm": "contractive", "b_max_iter": 40}
     build = lambda options: plugin.DEQMutanFusion(8, 6, 10, plugin.INTEGRATION.fusion_options(options)).deq
     assert build({}).norm == "contractive" and build({"jac_weight": 0.1}).norm == "contractive"
     assert build({"norm": "none"}).norm is None and build({"norm": "spectral"}).norm == "spectral"
+    assert build({}).b_max_iter == 40 and build({"b_max_iter": 10}).b_max_iter == 10   # the backward's cap, likewise
 
 
 def test_groups_divide_mutan_widths():
