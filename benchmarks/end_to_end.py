@@ -228,9 +228,9 @@ def worker(job_path: str) -> int:
 
 
 def run_arm(name: str, comparison, arm, upstream, upstream_args, tmp: Path, threads: int, log: Path,
-            fusion_options: dict | None = None) -> dict:
+            options: dict) -> dict:
+    """One arm in its own process; ``options``: DEQFusion keywords for its argv."""
     run_dir = tmp / f"run-{arm.name}"
-    options = (fusion_options or {}) if arm.is_fusion else {}    # DEQFusion keywords: the deq arm's only
     job = {"comparison": comparison.ref, "upstream": None if upstream is None else str(upstream), "threads": threads,
            "argv": comparison.argv(arm, 1, options, upstream_args, run_dir), "run_dir": str(run_dir),
            "result": str(tmp / f"result-{arm.name}.json")}
@@ -263,7 +263,8 @@ def study(name: str, steps: int, threads: int, out: Path, command: str, fusion_o
         for arm in plan_arms(comparison, None, []):
             log = out / "work" / f"{name}-{arm.name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            r = run_arm(name, comparison, arm, upstream, args, tmp, threads, log, fusion_options)
+            options = (fusion_options or {}) if arm.is_fusion else {}    # DEQFusion keywords: the deq arm's only
+            r = run_arm(name, comparison, arm, upstream, args, tmp, threads, log, options)
             machine = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} torch thread(s)"
             if r["cuda"]:
                 machine += f", {torch.cuda.get_device_name(0)}"
@@ -271,7 +272,7 @@ def study(name: str, steps: int, threads: int, out: Path, command: str, fusion_o
                             "seed": 1, "command": command, "commit": commit(), "selected_by": None, "val": None,
                             "test": None, "solver": r["solver"] if arm.is_fusion else None, "timing": r["timing"],
                             "memory": r["memory"], "data": data_note,
-                            "fusion_options": (fusion_options or {}) if arm.is_fusion else {},
+                            "fusion_options": options,
                             "upstream_args": [a.replace(str(tmp), "$TMP") for a in args], "wall_s": r["wall_s"],
                             "train_s": r["train_s"], "load_avg_1m": os.getloadavg()[0], "machine": machine})
             print(f"{name} {arm.name}: {fmt_timing(records[-1])}", flush=True)
