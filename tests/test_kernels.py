@@ -58,9 +58,11 @@ def test_kernel_f_equals_f_written_plainly(dim, groups, batched, monkeypatch, ca
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
 @pytest.mark.parametrize("kw", [dict(), dict(pre=True), dict(post=True, res=True), dict(add="vector", post=True),
                                 dict(add="matrix", res=True, post=True, tail=True), dict(pre=True, add="matrix")])
-def test_gn_fused_is_its_formula_on_strided_views(kw):
+@pytest.mark.parametrize("R", [11, 12, 1])     # rows go four at a time: blocks of 4 and the 3, 0 or 1 left over
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gn_fused_is_its_formula_on_strided_views(kw, R, inplace):
     torch.manual_seed(1)
-    R, C, G = 11, 24, 3
+    C, G = 24, 3
     base = torch.randn(R, 3, C)                     # rows with a stride of 3C, as a state's parts
     x, res, out = base[:, 0], torch.randn(R, 2, C)[:, 1], torch.randn(R, 4, C)[:, 2]
     w, b, w3, b3 = (torch.randn(C) for _ in range(4))
@@ -76,10 +78,11 @@ def test_gn_fused_is_its_formula_on_strided_views(kw):
     with torch.no_grad():
         got = kernels.gn_fused(x, G, 1e-5, w, b, add=add, pre=kw.get("pre", False), res=res if kw.get("res") else None,
                                post=kw.get("post", False), weight3=w3 if kw.get("tail") else None,
-                               bias3=b3 if kw.get("tail") else None, out=out)
-    assert got.data_ptr() == out.data_ptr()
+                               bias3=b3 if kw.get("tail") else None, out=None if inplace else out)
+    assert got.data_ptr() == (x if inplace else out).data_ptr()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(base[:, 0], x)      # the input is left as it was (out elsewhere)
+    if not inplace:
+        torch.testing.assert_close(base[:, 0], x)      # the input is left as it was (out elsewhere)
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
