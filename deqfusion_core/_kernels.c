@@ -109,6 +109,72 @@ void gn_fused(long M, long R, long C, long G,
     }
 }
 
+/* The VJP of a GroupNorm with its neighbours in f's backward-solve steps (vjp.py), per row and group:
+ *
+ *     t = pre(v + a) * w                     pre: zero where pm <= 0 (a ReLU's mask, from its input), if pm
+ *     y = post(rstd * (t - mean(t) - xh * mean(t * xh)))      post: zero where qm <= 0, if qm
+ *
+ * with xh the normalised input GN saved in the forward and rstd [M, R, G] its 1 / sqrt(var + eps): the gradient
+ * of y = GN(u) * w + b with respect to u, given v. Operands addressed as in gn_fused (a may broadcast over the
+ * matrices with as0 = 0); y may be v (in place). */
+#define T_V(j) (v[j * vs + k] * w[k])
+#define T_VA(j) ((v[j * vs + k] + a[j * as + k]) * w[k])
+#define T_VM(j) ((pm[j * ps + k] > 0.f ? v[j * vs + k] : 0.f) * w[k])
+#define T_VAM(j) ((pm[j * ps + k] > 0.f ? v[j * vs + k] + a[j * as + k] : 0.f) * w[k])
+#define STORE_ADD2(V, j) { const float t = V(j); y[j * ys + k] = t; s##j += t; q##j += t * xh[j * hs + k]; }
+#define BACK(j) (rstd[j] * (y[j * ys + k] - ms[j] - xh[j * hs + k] * mq[j]))
+#define BACK_M(j) (qm[j * qs + k] > 0.f ? BACK(j) : 0.f)
+/* for k < n, rows j < nr: y_j = t = V(j); sums of t and of t * xh into ms, mq (then divided by n) */
+#define ROWS_SUM2(V) do {                                                                             \
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, q0 = 0.f, q1 = 0.f, q2 = 0.f, q3 = 0.f;         \
+        _Pragma("omp simd reduction(+:s0, s1, s2, s3, q0, q1, q2, q3)")                               \
+        for (long k = 0; k < n; k++) EACH_ROW(STORE_ADD2, V);                                        \
+        ms[0] = s0 / n; ms[1] = s1 / n; ms[2] = s2 / n; ms[3] = s3 / n;                               \
+        mq[0] = q0 / n; mq[1] = q1 / n; mq[2] = q2 / n; mq[3] = q3 / n;                               \
+    } while (0)
+
+static inline __attribute__((always_inline)) void group_rows_back(
+        const int nr, long n, const float *v, long vs, const float *a, long as, const float *pm, long ps,
+        const float *xh, long hs, const float *rstd, const float *w, const float *qm, long qs, float *y, long ys) {
+    float ms[4], mq[4];
+    if (a && pm) ROWS_SUM2(T_VAM);
+    else if (a) ROWS_SUM2(T_VA);
+    else if (pm) ROWS_SUM2(T_VM);
+    else ROWS_SUM2(T_V);
+    if (qm) ROWS_STORE(BACK_M);
+    else ROWS_STORE(BACK);
+}
+
+void gn_backward(long M, long R, long C, long G, const float *v, long vs0, long vs1, const float *add, long as0,
+                 long as1, const float *pm, long ps0, long ps1, const float *xh, long hs0, long hs1,
+                 const float *rstd, const float *w, long ws0, const float *qm, long qs0, long qs1, float *y, long ys0,
+                 long ys1, int nt) {
+    const long cg = C / G, blocks = (R + 3) / 4;
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
+    for (long m = 0; m < M; m++) {
+        for (long rb = 0; rb < blocks; rb++) {
+            const long r0 = 4 * rb, nr = R - r0 < 4 ? R - r0 : 4;
+            for (long g = 0; g < G; g++) {
+                const long c0 = g * cg;
+                float rs[4];
+                for (long j = 0; j < nr; j++) rs[j] = rstd[(m * R + r0 + j) * G + g];
+                const float *vg = v + m * vs0 + r0 * vs1 + c0, *ag = add ? add + m * as0 + r0 * as1 + c0 : 0;
+                const float *pg = pm ? pm + m * ps0 + r0 * ps1 + c0 : 0, *hg = xh + m * hs0 + r0 * hs1 + c0;
+                const float *qg = qm ? qm + m * qs0 + r0 * qs1 + c0 : 0;
+                float *yg = y + m * ys0 + r0 * ys1 + c0;
+                #define GROUP(NR) group_rows_back(NR, cg, vg, vs1, ag, as1, pg, ps1, hg, hs1, rs, w + m * ws0 + c0, qg, qs1, yg, ys1)
+                switch (nr) {
+                    case 4: GROUP(4); break;
+                    case 3: GROUP(3); break;
+                    case 2: GROUP(2); break;
+                    default: GROUP(1);
+                }
+                #undef GROUP
+            }
+        }
+    }
+}
+
 /* A solver step's bookkeeping, one pass per row r < R of C entries (rows addressed by row strides):
  *     g[r] = fx[r] - x[r];  f[r] = fx[r] (if f);  gn[r] = ||g[r]||;  fn[r] = ||fx[r]||
  * the residual and Anderson's history slots written while the row is read once. */

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .module import DEQFusion
+from .vjp import vjp_at
 
 SMALL = dict(batch=64, modalities=6, dim=64)
 
@@ -59,8 +60,9 @@ def _timer(device):
 
 def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: int = 20, device="cpu",
            seed: int = 0, compile_f: str | None = None, **fusion_options) -> dict:
-    """One application of f (no autograd, as in a forward solver step), one VJP of f (as in a backward solver
-    step) and a training step whose forward and backward solves run exactly ``steps`` steps each (tolerance
+    """One application of f (no autograd, as in a forward solver step), one VJP of f in z as a backward solver
+    step computes it (f's hand-derived VJP where it applies, :mod:`~deqfusion_core.vjp`, else autograd's; autograd's
+    is timed too) and a training step whose forward and backward solves run exactly ``steps`` steps each (tolerance
     0, no Jacobian term), against f's own 2N+2 matrix products [batch, dim] x [dim, dim] (the VJP's are as
     many). Each repeat times them one after the other, so load changes them alike; medians in seconds."""
     torch.manual_seed(seed)
@@ -80,6 +82,9 @@ def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: i
     zg = z.clone().requires_grad_()
     fz = m.layer(zg, inj)
     v = torch.randn_like(fz)
+    with torch.no_grad():
+        fast = vjp_at(m, z, inj)
+    solver_vjp = (lambda: torch.autograd.grad(fz, zg, v, retain_graph=True)) if fast is None else (lambda: fast(v))
     parts = {"step": [], "forward": [], "backward": []}
 
     def step():
@@ -94,20 +99,23 @@ def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: i
         parts["backward"].append(time.perf_counter() - t)
 
     timed = _timer(device)
-    rows = {"matmuls": [], "f": [], "vjp": []}
+    rows = {"matmuls": [], "f": [], "vjp": [], "autograd_vjp": []}
     for i in range(repeats + 2):
         with torch.no_grad():
             t_mm = timed(lambda: [torch.mm(a, w) for _ in range(products)])
             t_f = timed(lambda: layer(z, inj))
-        t_vjp = timed(lambda: torch.autograd.grad(fz, zg, v, retain_graph=True))
+        t_vjp = timed(solver_vjp)
+        t_autograd = timed(lambda: torch.autograd.grad(fz, zg, v, retain_graph=True))
         t_step = timed(step) if (i - 2) % 4 == 0 else None   # a step costs about 2 x steps f: fewer of them
         if i >= 2:   # warm-up
             rows["matmuls"].append(t_mm), rows["f"].append(t_f), rows["vjp"].append(t_vjp)
+            rows["autograd_vjp"].append(t_autograd)
             if t_step is not None:
                 parts["step"].append(t_step)
     med = {k: statistics.median(v) for k, v in rows.items()}
     return dict(batch=batch, modalities=modalities, dim=dim, matmuls=products, device=str(device), compile_f=compile_f,
-                one_f_s=med["f"], one_vjp_s=med["vjp"], matmuls_s=med["matmuls"],
+                one_f_s=med["f"], one_vjp_s=med["vjp"], vjp=("hand-derived" if fast is not None else "autograd"),
+                autograd_vjp_s=med["autograd_vjp"], matmuls_s=med["matmuls"],
                 f_over_matmuls=med["f"] / med["matmuls"], vjp_over_matmuls=med["vjp"] / med["matmuls"],
                 train_step_steps=steps, train_step_s=statistics.median(parts["step"]),
                 train_forward_s=statistics.median(parts["forward"][-len(parts["step"]):]),
@@ -126,7 +134,9 @@ def machine() -> dict:
 def fmt_cost(r: dict) -> str:
     return (f"batch {r['batch']}, {r['modalities']} x {r['dim']}: one f {r['one_f_s'] * 1e3:.3f} ms "
             f"({r['f_over_matmuls']:.2f}x its {r['matmuls']} matrix products), one VJP {r['one_vjp_s'] * 1e3:.3f} ms "
-            f"({r['vjp_over_matmuls']:.2f}x), training step with {r['train_step_steps']}-step solves "
+            f"({r['vjp_over_matmuls']:.2f}x; {r.get('vjp', 'autograd')}"
+            + (f", autograd's {r['autograd_vjp_s'] * 1e3:.3f} ms" if "autograd_vjp_s" in r else "")
+            + f"), training step with {r['train_step_steps']}-step solves "
             f"{r['train_step_s'] * 1e3:.1f} ms (forward {r['train_forward_s'] * 1e3:.1f}, "
             f"backward {r['train_backward_s'] * 1e3:.1f})")
 

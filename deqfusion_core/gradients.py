@@ -19,6 +19,7 @@ A new mode subclasses :class:`Gradient` (or :class:`SolveThenDifferentiate`) and
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -27,6 +28,7 @@ from .fusion_map import GateTrace, Injection, RowMap
 from .jacobian import jacobian_loss
 from .solvers import SolveConfig, Tracker
 from .stats import BackwardReport, SolveResult, SolverStats
+from .vjp import vjp_at
 
 __all__ = ["GRADIENTS", "register_gradient", "get_gradient", "Gradient", "SolveThenDifferentiate", "Implicit",
            "Phantom", "OneStep", "Unrolled", "WeightTied", "WEIGHT_TIED", "RowCompactingVJP", "ImplicitBackward",
@@ -124,7 +126,7 @@ class Implicit(SolveThenDifferentiate):
         if g0 is not None and keep is not None:   # absent parts of g stay zero: start them there
             g0 = torch.where(keep, g0, 0.0)
         report = BackwardReport(m.backward_solve)
-        backward = ImplicitBackward(m.layer, res.z, inj, m.backward_solve, g0)
+        backward = ImplicitBackward(m.layer, res.z, inj, m.backward_solve, g0, partial(vjp_at, m))
         return Equilibrium(_ImplicitGrad.apply(fz, z, backward, report), res, jac, report)
 
 
@@ -166,11 +168,13 @@ class _ImplicitGrad(torch.autograd.Function):
 
 class ImplicitBackward:
     """The implicit gradient's backward solve, with what it needs from the forward: f (``layer``), the
-    fixed point z*, the injection, the solver settings and the warm start g0 (None: cold)."""
+    fixed point z*, the injection, the solver settings, the warm start g0 (None: cold) and ``vjp_at(z, inj)``
+    (f's hand-derived VJP where it applies, :func:`~deqfusion_core.vjp.vjp_at`; None: autograd's)."""
 
     def __init__(self, layer, z_star: torch.Tensor, inj: Injection, config: SolveConfig,
-                 g0: torch.Tensor | None = None):
+                 g0: torch.Tensor | None = None, vjp_at=None):
         self.layer, self.z_star, self.inj, self.config, self.g0 = layer, z_star, inj, config, g0
+        self.vjp_at = vjp_at
 
     @torch.compiler.disable
     def solve(self, fz: torch.Tensor, z: torch.Tensor, grad: torch.Tensor) -> SolveResult:
@@ -178,8 +182,8 @@ class ImplicitBackward:
         grad = grad.detach()
         # cold start at grad, the first iterate from zero (that step's VJP would be of zeros)
         g_init = grad.clone() if self.g0 is None else self.g0.to(grad)
-        h = RowCompactingVJP(self.layer, self.z_star, self.inj, fz, z, grad, g_init)
         with torch.no_grad():
+            h = RowCompactingVJP(self.layer, self.z_star, self.inj, fz, z, grad, g_init, self.vjp_at)
             return self.config.run(h, g_init)
 
 
@@ -190,21 +194,27 @@ class RowCompactingVJP:
     Converged samples stop; once the running ones are at most half of those in the current graph, f is
     re-applied to them alone, so later VJPs cost in proportion to them.
 
-    State: the current graph ``fz = f(z)`` over a batch of ``size`` rows (all rows, or those running when f
-    was last re-applied); ``inv`` maps a batch row to its position in that graph (None: identity); ``buf``
+    The VJP is ``vjp_at(z, inj)``'s where that gives one (f's hand-derived VJP, :mod:`~deqfusion_core.vjp`; called
+    without autograd), else autograd's through the graph ``fz = f(z)``.
+
+    State: the current graph (``fz = f(z)``, or the hand VJP ``fast`` at z) over a batch of ``size`` rows (all rows,
+    or those running when f was last re-applied); ``inv`` maps a batch row to its position in that graph (None: identity); ``buf``
     holds one g per graph row (rows that stopped keep their last g, which no running row depends on);
     ``pos`` are the graph positions of ``rows``, the working set the solver passed last.
     """
 
     def __init__(self, layer, z_star: torch.Tensor, inj: Injection, fz: torch.Tensor, z: torch.Tensor,
-                 grad: torch.Tensor, g_init: torch.Tensor):
-        self.layer, self.z_star, self.inj, self.grad = layer, z_star, inj, grad
+                 grad: torch.Tensor, g_init: torch.Tensor, vjp_at=None):
+        self.layer, self.z_star, self.inj, self.grad, self.vjp_at = layer, z_star, inj, grad, vjp_at
         self.fz, self.z = fz, z
+        self.fast = None if vjp_at is None else vjp_at(z_star, inj)
         self.size, self.inv = grad.shape[0], None
         self.buf = g_init.clone()
         self.rows = self.pos = None
 
     def vjp(self, v: torch.Tensor) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast(v)
         return torch.autograd.grad(self.fz, self.z, v, retain_graph=True)[0]
 
     def position(self, rows: torch.Tensor) -> torch.Tensor:
@@ -222,9 +232,14 @@ class RowCompactingVJP:
 
     def reapply(self, rows: torch.Tensor):
         """Re-apply f to the rows ``rows`` alone; later VJPs run on that smaller graph."""
-        with torch.enable_grad():
-            z = self.z_star[rows].detach().requires_grad_()
-            fz = self.layer(z, self.inj.select(rows))
+        if self.fast is not None:
+            self.fast = self.vjp_at(self.z_star[rows], self.inj.select(rows))
+        if self.fast is not None:
+            z = fz = None
+        else:
+            with torch.enable_grad():
+                z = self.z_star[rows].detach().requires_grad_()
+                fz = self.layer(z, self.inj.select(rows))
         inv = torch.empty(self.grad.shape[0], dtype=torch.long, device=rows.device)
         inv[rows] = torch.arange(rows.numel(), device=rows.device)
         self.buf = self.buf[self.position(rows)]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["status", "usable", "gn_fused", "residual", "copy_rows"]
+__all__ = ["status", "usable", "gn_fused", "gn_backward", "residual", "copy_rows"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
@@ -65,6 +65,8 @@ def _build() -> ctypes.CDLL:
     L, P, F, I = ctypes.c_long, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     dll.gn_fused.argtypes = [L, L, L, L, P, L, L, P, L, L, P, P, L, P, L, L, P, P, P, L, L, F, I, I, I]
     dll.gn_fused.restype = None
+    dll.gn_backward.argtypes = [L, L, L, L, P, L, L, P, L, L, P, L, L, P, L, L, P, P, L, P, L, L, P, L, L, I]
+    dll.gn_backward.restype = None
     dll.residual.argtypes = [L, L, P, L, P, L, P, L, P, L, P, P, I]
     dll.residual.restype = None
     dll.copy_rows.argtypes = [L, L, P, L, P, P, P, L, I]
@@ -123,6 +125,22 @@ def gn_fused(x, groups: int, eps: float, weight, bias, *, add=None, pre=False, r
     _lib().gn_fused(M, R, C, groups, *_strided(x), *_strided(add), ptr(params[0]), ptr(params[1]), ps0,
                     *_strided(res), ptr(tail[0]), ptr(tail[1]), *_strided(out), eps, int(pre), int(post),
                     torch.get_num_threads())
+    return out
+
+
+def gn_backward(v, xh, rstd, weight, *, add=None, pre_mask=None, post_mask=None, out=None):
+    """The VJP of y = GN(u) * weight + b at u (normalised ``xh``, ``rstd`` [..., R, G] contiguous), given the
+    cotangent ``v`` (+ ``add``), with ReLU masks around it: ``out`` = post(GN'(pre(v + add) * weight)), pre / post
+    zeroing where ``pre_mask`` / ``post_mask`` <= 0 (see _kernels.c). [R, C] or [M, R, C] views with contiguous
+    channels (``add`` [R, C]: the same for every matrix); ``weight`` [C] or [M, 1, C]. ``out`` defaults to v (in
+    place). Callers check :func:`usable`."""
+    out = v if out is None else out
+    M, R, C = (1, *v.shape) if v.dim() == 2 else v.shape
+    weight, rstd = weight.contiguous(), rstd.contiguous()
+    (ap, as0, as1), (pp, ps0, ps1), (qp, qs0, qs1) = (_strided(t) for t in (add, pre_mask, post_mask))
+    _lib().gn_backward(M, R, C, rstd.shape[-1], *_strided(v), ap, as0, as1, pp, ps0, ps1, *_strided(xh),
+                       rstd.data_ptr(), weight.data_ptr(), C if weight.dim() == 3 else 0, qp, qs0, qs1, *_strided(out),
+                       torch.get_num_threads())
     return out
 
 

@@ -206,3 +206,34 @@ def test_solver_bookkeeping_kernels_equal_torch_ops(name, monkeypatch):
     assert fast.nstep == slow.nstep and fast.converged and slow.converged
     torch.testing.assert_close(fast.z, slow.z, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast.rel_residuals, slow.rel_residuals, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+@pytest.mark.parametrize("add,pre,post", [(False, False, False), (True, False, True), (False, True, False),
+                                          (True, True, True)])
+@pytest.mark.parametrize("R", [11, 12, 1])
+@pytest.mark.parametrize("M", [1, 3])
+def test_gn_backward_is_autograds_vjp_of_the_norm(add, pre, post, R, M):
+    """out = post(VJP of GN(u) * w + b at u, applied to pre(v + a)), on strided views; masks from ReLU inputs."""
+    torch.manual_seed(2)
+    C, G = 24, 3
+    lead = (M,) if M > 1 else ()
+    u = torch.randn(*lead, R, C, requires_grad=True)
+    w = torch.randn(*lead, 1, C) if M > 1 else torch.randn(C)
+    y = F.group_norm(u.reshape(-1, C), G, None, None, 1e-5).view_as(u) * w
+    v = torch.randn(R, *lead, 2, C).movedim(0, -3)[..., 0, :] if M > 1 else torch.randn(R, 2, C)[:, 0]   # strided
+    a = torch.randn(R, C) if add else None
+    pm, qm = (torch.randn(*lead, R, C) if flag else None for flag in (pre, post))
+    t = v + a if add else v
+    t = torch.where(pm > 0, t, 0.0) if pre else t
+    expected = torch.autograd.grad(y, u, t)[0]
+    expected = torch.where(qm > 0, expected, 0.0) if post else expected
+    with torch.no_grad():
+        g = u.unflatten(-1, (G, -1))
+        mean, var = g.mean(-1, keepdim=True), g.var(-1, unbiased=False, keepdim=True)
+        rstd = torch.rsqrt(var + 1e-5)
+        xh = ((g - mean) * rstd).flatten(-2)
+        out = torch.empty(*lead, R, 3, C)[..., 1, :]
+        got = kernels.gn_backward(v, xh, rstd.squeeze(-1), w, add=a, pre_mask=pm, post_mask=qm, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
