@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .module import DEQFusion
 from .vjp import vjp_at
 
@@ -26,7 +27,8 @@ def contractive_problem(batch=612, input_dims=(500, 500, 500), dim=500, classes=
                         jac_weight=100.0, device="cpu", seed=0):
     """A DEQFusion at the given shapes whose f was made contractive by a few Jacobian-regularised
     training steps (weight 100, the reference BRCA code's default), with fixed inputs, a frozen linear
-    head and labels. Returns (fusion, xs, head, labels)."""
+    head and labels. Returns (fusion, xs, head, labels). The training steps run torch ops and autograd only
+    (``kernels.torch_ops``), so the problem is the same whatever the CPU kernels' rounding."""
     torch.manual_seed(seed)
     fusion = DEQFusion(list(input_dims), dim, num_groups=4, jac_samples=2, f_max_iter=30, b_max_iter=30,
                        jac_weight=jac_weight).to(device)
@@ -34,10 +36,11 @@ def contractive_problem(batch=612, input_dims=(500, 500, 500), dim=500, classes=
     head = torch.nn.Linear(dim, classes).to(device)
     labels = torch.randint(0, classes, (batch,), device=device)
     opt = torch.optim.Adam(list(fusion.parameters()) + list(head.parameters()), lr=1e-3)
-    for _ in range(warmup_steps):
-        opt.zero_grad()
-        F.cross_entropy(head(fusion(xs).fused), labels).backward()
-        opt.step()
+    with kernels.torch_ops():
+        for _ in range(warmup_steps):
+            opt.zero_grad()
+            F.cross_entropy(head(fusion(xs).fused), labels).backward()
+            opt.step()
     fusion.jac_weight = 0.0
     head.requires_grad_(False)
     return fusion, xs, head, labels
@@ -125,7 +128,6 @@ def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: i
 def machine() -> dict:
     """Where a timing ran: torch, threads, the load average (timings under load > cores are noisy) and the
     project's commit (``+dirty`` with uncommitted changes; None outside a git checkout)."""
-    from . import kernels
     from .compare.study import project_commit
     return dict(torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
                 load_avg_1m=os.getloadavg()[0], f_solver_steps=kernels.status(), commit=project_commit())

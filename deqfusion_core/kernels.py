@@ -14,6 +14,7 @@ training's implicit backward, a missing compiler, ``DEQFUSION_KERNELS=0``) runs 
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -24,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["status", "usable", "gn_fused", "gn_backward", "residual", "copy_rows"]
+__all__ = ["status", "usable", "torch_ops", "gn_fused", "gn_backward", "residual", "copy_rows"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
 _STATE: dict = {}     # "lib": the loaded library or None, "why": the reason when None
+_OFF = [0]            # torch_ops() nesting depth
 
 
 def _cpu_id() -> str:
@@ -94,7 +96,18 @@ def status() -> str:
 def usable(x: torch.Tensor) -> bool:
     """Whether the kernels apply to an f on ``x`` now: float32 on the CPU, no autograd, not being compiled."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and _lib() is not None)
+            and not torch.compiler.is_compiling() and not _OFF[0] and _lib() is not None)
+
+
+@contextlib.contextmanager
+def torch_ops():
+    """Within it the kernels do not apply (f, its hand-derived VJP and the solvers' bookkeeping run torch ops and
+    autograd), e.g. to build a benchmark problem whose weights do not depend on the kernels' rounding."""
+    _OFF[0] += 1
+    try:
+        yield
+    finally:
+        _OFF[0] -= 1
 
 
 def _strided(t: torch.Tensor | None):

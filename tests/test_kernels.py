@@ -237,3 +237,18 @@ def test_gn_backward_is_autograds_vjp_of_the_norm(add, pre, post, R, M):
         got = kernels.gn_backward(v, xh, rstd.squeeze(-1), w, add=a, pre_mask=pm, post_mask=qm, out=out)
     assert got.data_ptr() == out.data_ptr()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_torch_ops_switches_the_kernels_off_within_it(calls):
+    from deqfusion_core import vjp
+    m = perturbed([8] * 2, 8, 2)
+    xs = inputs([8] * 2, batch=5)
+    z = torch.randn(5, m.state_width)
+    with torch.no_grad():
+        with kernels.torch_ops():
+            plain = m.layer(z, m.inject(xs))
+            assert calls[0] == 0 and vjp.vjp_at(m, z, m.inject(xs)) is None
+        fused = m.layer(z, m.inject(xs))
+        assert calls[0] > 0 and vjp.vjp_at(m, z, m.inject(xs)) is not None
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
