@@ -43,9 +43,9 @@ def now() -> float:
     return time.perf_counter()
 
 
-def build(args, seed=0):
+def build(args):
     return contractive_problem(args.batch, [args.dim] * args.modalities, args.dim, args.classes,
-                               args.warmup_steps, device=args.device, seed=seed)
+                               args.warmup_steps, device=args.device, seed=args.seed)
 
 
 def loss_of(fused, head, labels):
@@ -331,7 +331,8 @@ def memory(args, report, have_ref):
     methods = ["deqfusion:10", "deqfusion:100"] + (["reference:10", "reference:100"] if have_ref else [])
     for meth in methods:
         cmd = [sys.executable, __file__, "--memory-of", meth, "--batch", str(args.batch), "--dim", str(args.dim),
-               "--modalities", str(args.modalities), "--warmup-steps", "0", "--device", args.device]
+               "--modalities", str(args.modalities), "--warmup-steps", "0", "--device", args.device,
+               "--seed", str(args.seed)]
         # A fixed mmap threshold makes glibc return freed tensors to the OS, so resident memory tracks live
         # tensors; with its default dynamic threshold, heap fragmentation makes RSS creep with every step.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -417,6 +418,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=10, help="Jacobian-regularised steps that make f contractive")
     p.add_argument("--unrolled-steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0, help="the problem's seed (weights, inputs, labels)")
     p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run")
     p.add_argument("--skip", nargs="*", default=[], choices=["cost", "forward", "train", "warm", "memory"])
     p.add_argument("--out", default="benchmarks/results/core_cpu.json")
