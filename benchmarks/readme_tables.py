@@ -138,22 +138,33 @@ def _fastest(steps: dict, prefix: str, bar: float):
 def render_bench_runs(runs: list, source: str) -> str:
     """Consecutive ``benchmarks/bench_core.py`` runs side by side (``<!-- results: GLOB bench_runs -->``, the GLOB
     matching their JSON files): f and its VJP against their matrix products in both regimes, the forward solve's
-    overhead, and the training step at gradient error <= 1e-3 against the reference's fastest there."""
+    overhead, and the training step at gradient error <= 1e-3 against the reference's fastest there, and at the
+    lowest error both reach (the larger of the two sides' lowest: matched error where the problem has a floor above
+    1e-3)."""
     cols = [f"run {i + 1}" for i in range(len(runs))]
     rows = {"its matrix products alone, {shape}": [], "one f / its matrix products": [],
             "one VJP / its matrix products": [],
             "one f at 64 x 6 x 64 (/ its 14 products)": [], "training step at 64 x 6 x 64, 30-step solves": [],
             "forward solve time / (f evaluations x one f)": [], "train step, our fastest at gradient error <= 1e-3": [],
-            "the reference's fastest at <= 1e-3": [], "ratio (reference / ours)": []}
+            "the reference's fastest at <= 1e-3": [], "ratio (reference / ours)": [],
+            "lowest gradient error, ours / the reference's": [],
+            "at the lowest error both reach: ours / the reference's fastest, ratio": []}
     for r in runs:
-        big, small = r["cost"]["large"], r["cost"]["small"]
-        ours, ref = _fastest(r["train_step"], "deqfusion", 1e-3), _fastest(r["train_step"], "reference", 1e-3)
-        vals = [f"{big['matmuls_s'] * 1e3:.2f} ms", f"{big['f_over_matmuls']:.2f}", f"{big['vjp_over_matmuls']:.2f}",
+        big, small, steps = r["cost"]["large"], r["cost"]["small"], r["train_step"]
+        ours, ref = _fastest(steps, "deqfusion", 1e-3), _fastest(steps, "reference", 1e-3)
+        low = {side: min((v["grad_rel_err"] for k, v in steps.items() if k.startswith(side)), default=None)
+               for side in ("deqfusion", "reference")}
+        both = None if None in low.values() else max(low.values())
+        at = both and (_fastest(steps, "deqfusion", both), _fastest(steps, "reference", both))
+        vjp = f" ({big['vjp']})" if "vjp" in big else ""
+        vals = [f"{big['matmuls_s'] * 1e3:.2f} ms", f"{big['f_over_matmuls']:.2f}", f"{big['vjp_over_matmuls']:.2f}{vjp}",
                 f"{small['one_f_s'] * 1e3:.3f} ms ({small['f_over_matmuls']:.1f})", f"{small['train_step_s'] * 1e3:.1f} ms",
                 f"{r['forward']['deqfusion (per-sample rel 1e-3)']['overhead']:.2f}",
                 "not reached" if ours is None else f"{ours[1]:.2f} s ({ours[0].removeprefix('deqfusion ')})",
                 "not reached" if ref is None else f"{ref[1]:.2f} s ({ref[0].removeprefix('reference ')})",
-                "not defined" if ours is None or ref is None else f"**{ref[1] / ours[1]:.1f}x**"]
+                "not defined" if ours is None or ref is None else f"**{ref[1] / ours[1]:.1f}x**",
+                "-" if both is None else f"{low['deqfusion']:.1e} / {low['reference']:.1e}",
+                "-" if not at else f"<= {both:.1e}: {at[0][1]:.2f} s / {at[1][1]:.2f} s, {at[1][1] / at[0][1]:.1f}x"]
         for row, v in zip(rows.values(), vals):
             row.append(v)
     big = runs[0]["cost"]["large"]
