@@ -79,8 +79,7 @@ class FusedVJP:
         for i, z_i in enumerate([zs] if self.batched else zs):
             at = (lambda t: t) if self.batched else (lambda t, i=i: t[i])
             n, xh1, r1 = _group_norm(mm(at(b1), z_i, at(w1)), P.groups, P.eps, *at(g1))
-            s, xh2, r2 = _group_norm(mm(inj.x2[i] if not self.batched else inj.x2, F.relu(n), at(w2)), P.groups,
-                                     P.eps, *at(g2))
+            s, xh2, r2 = _group_norm(mm(at(inj.x2), F.relu(n), at(w2)), P.groups, P.eps, *at(g2))
             s = s.add_(z_i)
             y, xh3, r3 = _group_norm(F.relu(s), P.groups, P.eps, *at(g3))
             saved.append((y, (xh1, r1, at(g1)[0]), (xh2, r2, at(g2)[0]), (xh3, r3, at(g3)[0]), (n, s),
