@@ -11,10 +11,11 @@ GroupNorm, xh its normalised input, w its weight):
     GN'(t)        = rstd * (t w - mean(t w) - xh * mean(t w xh))       over each row's group (t: the cotangent)
     fuse block    d_u = GN_f'(v_fuse) [u_f > 0];  d_p = d_u W_f;  d_tot = (d_p * z_fuse) W_a
                   g_fuse = d_p * gates + N d_tot                        (the gates' sum: FuseBlock's docstring)
+                  without the gate (gating=False): d_tot = d_p, g_fuse = 0
     block i       d_s = GN_3'(v_i + d_tot) [s_i > 0];  d_h = GN_2'(d_s) W_2;  g_i = d_s + GN_1'(d_h [n_i > 0]) W_1
 
 It applies where the kernels do (float32 CPU, :func:`kernels.usable`) to FusionMap's own f with the paper's linear
-gate, all modalities present and no dropout inside f (``FusedVJP.applies``); otherwise the backward keeps autograd.
+gate or none, all modalities present and no dropout inside f (``FusedVJP.applies``); otherwise the backward keeps autograd.
 tests/test_vjp.py checks it against autograd's VJP of the same f and against finite differences.
 """
 from __future__ import annotations
@@ -57,7 +58,7 @@ class FusedVJP:
     @staticmethod
     def applies(fm, z: torch.Tensor, inj) -> bool:
         return (type(fm).layer is fusion_map.FusionMap.layer and fm.blocks is not None and fm.fusion is not None
-                and fm.fusion.gating == "linear" and fm.fusion.gn.affine and inj.present is None
+                and fm.fusion.gating in ("linear", None) and fm.fusion.gn.affine and inj.present is None
                 and inj.gate_mask is None and inj.fuse_mask is None and inj.blocks is not None
                 and z.dtype == inj.x_fuse.dtype and kernels.usable(z))
 
@@ -86,12 +87,17 @@ class FusedVJP:
                           (at(w1).transpose(-1, -2), at(w2).transpose(-1, -2))))   # the Linears' own weights
         fuse = fm.fusion
         new = saved[0][0] if self.batched else [part[0] for part in saved]
-        self.gates = torch.addmm(N * fuse.gate.bias, fusion_map._total(new, z_fuse, N), fuse.gate.weight.t())
+        if fuse.gate is None:                                   # no gate: z_fuse' = sum_i z_i (FuseBlock)
+            self.gates, purified = None, fusion_map._total(new)
+        else:
+            self.gates = torch.addmm(N * fuse.gate.bias, fusion_map._total(new, z_fuse, N), fuse.gate.weight.t())
+            purified = z_fuse * self.gates
         x_fuse_biased = inj.x_fuse + fuse.fuse.bias if inj.x_fuse_biased is None else inj.x_fuse_biased
-        self.u_fuse = torch.addmm(x_fuse_biased, z_fuse * self.gates, fuse.fuse.weight.t())
+        self.u_fuse = torch.addmm(x_fuse_biased, purified, fuse.fuse.weight.t())
         _, self.xh_fuse, self.r_fuse = _group_norm(F.relu(self.u_fuse), fuse.gn.num_groups, fuse.gn.eps,
                                                    fuse.gn.weight, fuse.gn.bias)
-        self.w_fuse, self.W_f, self.W_a, self.z_fuse = fuse.gn.weight, fuse.fuse.weight, fuse.gate.weight, z_fuse
+        self.w_fuse, self.W_f, self.z_fuse = fuse.gn.weight, fuse.fuse.weight, z_fuse
+        self.W_a = None if fuse.gate is None else fuse.gate.weight
         self.saved = [part[1:] for part in saved]    # one entry (stacked [N, ...]) or one per modality
         self.shape = (b, N, d)
         self.work = z.new_empty(3, b, d)
@@ -104,9 +110,13 @@ class FusedVJP:
         vv, o = v.view(b, N + 1, d), out.view(b, N + 1, d)
         A, B, d_tot = self.work
         d_u = kernels.gn_backward(vv[:, N], self.xh_fuse, self.r_fuse, self.w_fuse, post_mask=self.u_fuse, out=A)
-        d_p = torch.mm(d_u, self.W_f, out=B)
-        torch.mm(torch.mul(d_p, self.z_fuse, out=A), self.W_a, out=d_tot)
-        torch.mul(d_tot, N, out=o[:, N]).addcmul_(d_p, self.gates)
+        if self.gates is None:        # f_fuse reads the modalities' new states only
+            torch.mm(d_u, self.W_f, out=d_tot)
+            o[:, N].zero_()
+        else:
+            d_p = torch.mm(d_u, self.W_f, out=B)
+            torch.mm(torch.mul(d_p, self.z_fuse, out=A), self.W_a, out=d_tot)
+            torch.mul(d_tot, N, out=o[:, N]).addcmul_(d_p, self.gates)
         if self.batched:
             _block_back(vv[:, :N].transpose(0, 1), d_tot, o[:, :N].transpose(0, 1), self.saved[0], self.block_work)
         else:

@@ -17,9 +17,10 @@ pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None
 @pytest.mark.parametrize("dim,groups", [(16, 4), (40, 4), (30, 1)])
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("batch", [9, 12])
-def test_fused_vjp_equals_autograd_vjp(dim, groups, batched, batch, monkeypatch):
+@pytest.mark.parametrize("gating", [True, False])
+def test_fused_vjp_equals_autograd_vjp(dim, groups, batched, batch, gating, monkeypatch):
     monkeypatch.setattr(fusion_map, "BATCHED_MAX", 1 << 30 if batched else 0)
-    m = perturbed([dim] * 3, dim, groups)
+    m = perturbed([dim] * 3, dim, groups, gating=gating)
     xs = inputs([dim] * 3, batch=batch)
     z = torch.randn(batch, m.state_width).requires_grad_()
     fz = m.layer(z, m.inject(xs))
@@ -36,10 +37,11 @@ def test_fused_vjp_applies_only_where_it_is_f():
     xs = inputs([8, 8], batch=3)
     z = torch.randn(3, 24)
     with torch.no_grad():
-        m = DEQFusion([8, 8], 8)
-        assert vjp.vjp_at(m, z, m.inject(xs)) is not None
+        for gating in (True, False):       # the paper's linear gate, or none
+            m = DEQFusion([8, 8], 8, gating=gating)
+            assert vjp.vjp_at(m, z, m.inject(xs)) is not None
         assert vjp.vjp_at(m, z.double(), m.double().inject([x.double() for x in xs])) is None   # float64
-        for kw in (dict(gating="sigmoid"), dict(gating=False), dict(fuse_block=False), dict(modality_blocks=False)):
+        for kw in (dict(gating="sigmoid"), dict(fuse_block=False), dict(modality_blocks=False)):
             m = DEQFusion([8, 8], 8, **kw)
             assert vjp.vjp_at(m, z, m.inject(xs)) is None, kw
         m = DEQFusion([8, 8], 8)
@@ -57,11 +59,12 @@ def _grads(m, xs):
     return out, torch.cat([g.flatten() for g in grads])
 
 
-def test_implicit_gradient_through_the_fused_vjp_is_autograds(monkeypatch):
+@pytest.mark.parametrize("gating", [True, False])
+def test_implicit_gradient_through_the_fused_vjp_is_autograds(gating, monkeypatch):
     """The same forward, the backward solve with either VJP: the same gradient (float32, solves to 1e-5)."""
     torch.manual_seed(0)
     m = make_contractive(DEQFusion([12, 12, 12], 12, num_groups=4, f_tol=1e-5, f_max_iter=200, b_tol=1e-5,
-                                   b_max_iter=200, jac_weight=0.0)).train()
+                                   b_max_iter=200, jac_weight=0.0, gating=gating)).train()
     xs = inputs([12, 12, 12], batch=16, requires_grad=True)
     calls = [0]
     real = vjp.FusedVJP.__call__
