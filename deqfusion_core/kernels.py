@@ -1,5 +1,6 @@
-"""Hand-fused CPU kernels for the group norms of f in solver steps (issue 14: f at its floor on the CPU), and for
-the solvers' per-step bookkeeping (``residual``, ``copy_rows``: see their docstrings).
+"""Hand-fused CPU kernels for the group norms of f in solver steps (issue 14: f at its floor on the CPU), for their
+VJPs in the implicit backward's steps (``gn_backward``, used by :mod:`~deqfusion_core.vjp`), and for the solvers'
+per-step bookkeeping (``residual``, ``copy_rows``: see their docstrings).
 
 In a solver step f runs without autograd; there each group norm of f with what surrounds it (the Linear's bias or
 the injected input before it, the ReLUs and the residual around it, and in f_i's tail the second norm) is one
