@@ -9,7 +9,8 @@ input several times, and each op costs a dispatch). The C source is compiled on 
 compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``) into ``$DEQFUSION_CACHE`` (default
 ``~/.cache/deqfusion``), keyed by the source, the flags and the CPU, and loaded with ctypes; OpenMP threads follow
 ``torch.get_num_threads()``. Used only for float32 CPU tensors without autograd; everything else (float64, CUDA,
-training's implicit backward, a missing compiler, ``DEQFUSION_KERNELS=0``) runs the torch ops of
+f under autograd (the application at z* whose graph the parameters' gradient and the Jacobian term go through), a
+missing compiler, ``DEQFUSION_KERNELS=0``) runs the torch ops of
 :mod:`~deqfusion_core.fusion_map`, to which the kernels are equal within float32 rounding
 (tests/test_kernels.py). ``status()`` says which path runs and why.
 """
