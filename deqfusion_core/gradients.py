@@ -187,6 +187,12 @@ class ImplicitBackward:
             return self.config.run(h, g_init)
 
 
+# Autograd's VJPs a backward solve takes before it builds f's hand-derived VJP (about one f at z*; each of its VJPs
+# then saves 15-20% of autograd's at BRCA shapes, half at 6 x 64): solves that end within this many steps (MM-Dynamics'
+# on ROSMAP take ~5) do not pay for it. Measured: docs/speed.md.
+FAST_AFTER = 8
+
+
 class RowCompactingVJP:
     """``h(g, rows) = g J + grad`` on the rows the backward solver still runs (``None``: all).
 
@@ -194,8 +200,9 @@ class RowCompactingVJP:
     Converged samples stop; once the running ones are at most half of those in the current graph, f is
     re-applied to them alone, so later VJPs cost in proportion to them.
 
-    The VJP is ``vjp_at(z, inj)``'s where that gives one (f's hand-derived VJP, :mod:`~deqfusion_core.vjp`; called
-    without autograd), else autograd's through the graph ``fz = f(z)``.
+    The VJP is autograd's through the graph ``fz = f(z)`` for the first ``FAST_AFTER`` VJPs of a solve, then
+    ``vjp_at(z, inj)``'s where that gives one (f's hand-derived VJP, :mod:`~deqfusion_core.vjp`; called without
+    autograd): building it costs about one f, which a solve that ends within a few steps would not earn back.
 
     State: the current graph (``fz = f(z)``, or the hand VJP ``fast`` at z) over a batch of ``size`` rows (all rows,
     or those running when f was last re-applied); ``inv`` maps a batch row to its position in that graph (None: identity); ``buf``
@@ -207,14 +214,21 @@ class RowCompactingVJP:
                  grad: torch.Tensor, g_init: torch.Tensor, vjp_at=None):
         self.layer, self.z_star, self.inj, self.grad, self.vjp_at = layer, z_star, inj, grad, vjp_at
         self.fz, self.z = fz, z
-        self.fast = None if vjp_at is None else vjp_at(z_star, inj)
+        self.fast, self.autograd_vjps, self.graph_rows = None, 0, None
         self.size, self.inv = grad.shape[0], None
         self.buf = g_init.clone()
         self.rows = self.pos = None
 
     def vjp(self, v: torch.Tensor) -> torch.Tensor:
+        if self.fast is None and self.vjp_at is not None and self.autograd_vjps >= FAST_AFTER:
+            rows = self.graph_rows
+            self.fast = self.vjp_at(*((self.z_star, self.inj) if rows is None else (self.z_star[rows],
+                                                                                  self.inj.select(rows))))
+            if self.fast is None:
+                self.vjp_at = None          # it does not apply: autograd's to the end
         if self.fast is not None:
             return self.fast(v)
+        self.autograd_vjps += 1
         return torch.autograd.grad(self.fz, self.z, v, retain_graph=True)[0]
 
     def position(self, rows: torch.Tensor) -> torch.Tensor:
@@ -243,7 +257,7 @@ class RowCompactingVJP:
         inv = torch.empty(self.grad.shape[0], dtype=torch.long, device=rows.device)
         inv[rows] = torch.arange(rows.numel(), device=rows.device)
         self.buf = self.buf[self.position(rows)]
-        self.fz, self.z, self.inv, self.size = fz, z, inv, rows.numel()
+        self.fz, self.z, self.inv, self.size, self.graph_rows = fz, z, inv, rows.numel(), rows
 
 
 def unroll(m, z0: torch.Tensor, inj: Injection, max_iter: int, tol: float, stop: str, keep: int = 0):

@@ -60,8 +60,10 @@ def _grads(m, xs):
 
 
 @pytest.mark.parametrize("gating", [True, False])
-def test_implicit_gradient_through_the_fused_vjp_is_autograds(gating, monkeypatch):
+@pytest.mark.parametrize("fast_after", [0, 3])     # built at the start, or after autograd's first VJPs
+def test_implicit_gradient_through_the_fused_vjp_is_autograds(gating, fast_after, monkeypatch):
     """The same forward, the backward solve with either VJP: the same gradient (float32, solves to 1e-5)."""
+    monkeypatch.setattr(gradients, "FAST_AFTER", fast_after)
     torch.manual_seed(0)
     m = make_contractive(DEQFusion([12, 12, 12], 12, num_groups=4, f_tol=1e-5, f_max_iter=200, b_tol=1e-5,
                                    b_max_iter=200, jac_weight=0.0, gating=gating)).train()
@@ -80,3 +82,20 @@ def test_implicit_gradient_through_the_fused_vjp_is_autograds(gating, monkeypatc
     out, auto = _grads(m, xs)
     assert calls[0] == 0 and out.stats.backward.converged
     assert ((fused - auto).norm() / auto.norm()).item() < 1e-4
+
+
+def test_a_short_backward_solve_does_not_build_the_fused_vjp(monkeypatch):
+    """Within FAST_AFTER steps the backward keeps autograd's VJPs (building the hand one costs about one f)."""
+    built = []
+    real = vjp.FusedVJP.__init__
+    monkeypatch.setattr(vjp.FusedVJP, "__init__", lambda self, *a: built.append(1) or real(self, *a))
+    torch.manual_seed(0)
+    m = make_contractive(DEQFusion([12, 12, 12], 12, num_groups=4, f_tol=1e-5, f_max_iter=200, b_tol=1e-5,
+                                   b_max_iter=200, jac_weight=0.0)).train()
+    xs = inputs([12, 12, 12], batch=16, requires_grad=True)
+    monkeypatch.setattr(gradients, "FAST_AFTER", 1000)
+    out, _ = _grads(m, xs)
+    assert out.stats.backward.converged and not built
+    monkeypatch.setattr(gradients, "FAST_AFTER", 2)
+    out, _ = _grads(m, xs)
+    assert out.stats.backward.nstep > 2 and built
