@@ -182,14 +182,16 @@ class ImplicitBackward:
         grad = grad.detach()
         # cold start at grad, the first iterate from zero (that step's VJP would be of zeros)
         g_init = grad.clone() if self.g0 is None else self.g0.to(grad)
+        # the hand VJP only where the cap leaves it room to earn back its cost (DEQFusion's default cap 10 does not)
+        vjp_at = self.vjp_at if self.config.max_iter >= 2 * FAST_AFTER else None
         with torch.no_grad():
-            h = RowCompactingVJP(self.layer, self.z_star, self.inj, fz, z, grad, g_init, self.vjp_at)
+            h = RowCompactingVJP(self.layer, self.z_star, self.inj, fz, z, grad, g_init, vjp_at)
             return self.config.run(h, g_init)
 
 
 # Autograd's VJPs a backward solve takes before it builds f's hand-derived VJP (about one f at z*; each of its VJPs
 # then saves 15-20% of autograd's at BRCA shapes, half at 6 x 64): solves that end within this many steps (MM-Dynamics'
-# on ROSMAP take ~5) do not pay for it. Measured: docs/speed.md.
+# on ROSMAP take ~5) do not pay for it, and solves capped below twice this many never build it. docs/speed.md.
 FAST_AFTER = 8
 
 

@@ -99,3 +99,7 @@ def test_a_short_backward_solve_does_not_build_the_fused_vjp(monkeypatch):
     monkeypatch.setattr(gradients, "FAST_AFTER", 2)
     out, _ = _grads(m, xs)
     assert out.stats.backward.nstep > 2 and built
+    built.clear()
+    m.b_max_iter = 3                          # a cap below 2 x FAST_AFTER: never built
+    out, _ = _grads(m, xs)
+    assert out.stats.backward.nstep == 3 and not built
