@@ -35,6 +35,21 @@
         for (long k = 0; k < n; k++) EACH_ROW(STORE, V);                                              \
     } while (0)
 
+/* Over matrices m < M, blocks of up to four rows from r0 (nr of them) and groups g < G (channels from c0, cg of them),
+ * the (m, block) pairs in parallel: the body (the variadic argument) does one group of one block. */
+#define EACH_GROUP_OF_ROWS(...) do {                                                                  \
+        const long cg = C / G, blocks = (R + 3) / 4;                                                  \
+        _Pragma("omp parallel for collapse(2) schedule(static) num_threads(nt)")                      \
+        for (long m = 0; m < M; m++)                                                                  \
+            for (long rb = 0; rb < blocks; rb++) {                                                    \
+                const long r0 = 4 * rb, nr = R - r0 < 4 ? R - r0 : 4;                                 \
+                for (long g = 0; g < G; g++) { const long c0 = g * cg; __VA_ARGS__ }                   \
+            }                                                                                         \
+    } while (0)
+/* CALL(n) with the block's row count n a constant: one instance per count, each with only its rows' chains */
+#define BY_ROW_COUNT(CALL) switch (nr) { case 4: CALL(4); break; case 3: CALL(3); break; case 2: CALL(2); break; \
+                                         default: CALL(1); }
+
 /* the terms of the passes, of row j at entry k */
 #define X(j) x[j * xs + k]
 #define X_A(j) (x[j * xs + k] + a[j * as + k])
@@ -86,27 +101,15 @@ void gn_fused(long M, long R, long C, long G,
               const float *w, const float *b, long ps0, const float *res, long rs0, long rs1,
               const float *w3, const float *b3, float *y, long ys0, long ys1,
               float eps, int pre, int post, int nt) {
-    const long cg = C / G, blocks = (R + 3) / 4;
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
-    for (long m = 0; m < M; m++) {
-        for (long rb = 0; rb < blocks; rb++) {
-            const long r0 = 4 * rb, nr = R - r0 < 4 ? R - r0 : 4;
-            for (long g = 0; g < G; g++) {
-                const long c0 = g * cg, p0 = m * ps0 + c0;
-                const float *xg = x + m * xs0 + r0 * xs1 + c0, *ag = add ? add + m * as0 + r0 * as1 + c0 : 0;
-                const float *rg = res ? res + m * rs0 + r0 * rs1 + c0 : 0, *w3g = w3 ? w3 + p0 : 0, *b3g = b3 ? b3 + p0 : 0;
-                float *yg = y + m * ys0 + r0 * ys1 + c0;
-                #define GROUP(NR) group_rows(NR, cg, xg, xs1, ag, as1, w + p0, b + p0, rg, rs1, w3g, b3g, yg, ys1, eps, pre, post)
-                switch (nr) {     /* one instance per row count, each with only its rows' chains */
-                    case 4: GROUP(4); break;
-                    case 3: GROUP(3); break;
-                    case 2: GROUP(2); break;
-                    default: GROUP(1);
-                }
-                #undef GROUP
-            }
-        }
-    }
+    #define GROUP(NR) group_rows(NR, cg, xg, xs1, ag, as1, w + p0, b + p0, rg, rs1, w3g, b3g, yg, ys1, eps, pre, post)
+    EACH_GROUP_OF_ROWS(
+        const long p0 = m * ps0 + c0;
+        const float *xg = x + m * xs0 + r0 * xs1 + c0, *ag = add ? add + m * as0 + r0 * as1 + c0 : 0;
+        const float *rg = res ? res + m * rs0 + r0 * rs1 + c0 : 0, *w3g = w3 ? w3 + p0 : 0, *b3g = b3 ? b3 + p0 : 0;
+        float *yg = y + m * ys0 + r0 * ys1 + c0;
+        BY_ROW_COUNT(GROUP);
+    );
+    #undef GROUP
 }
 
 /* The VJP of a GroupNorm with its neighbours in f's backward-solve steps (vjp.py), per row and group:
@@ -149,30 +152,17 @@ void gn_backward(long M, long R, long C, long G, const float *v, long vs0, long 
                  long as1, const float *pm, long ps0, long ps1, const float *xh, long hs0, long hs1,
                  const float *rstd, const float *w, long ws0, const float *qm, long qs0, long qs1, float *y, long ys0,
                  long ys1, int nt) {
-    const long cg = C / G, blocks = (R + 3) / 4;
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
-    for (long m = 0; m < M; m++) {
-        for (long rb = 0; rb < blocks; rb++) {
-            const long r0 = 4 * rb, nr = R - r0 < 4 ? R - r0 : 4;
-            for (long g = 0; g < G; g++) {
-                const long c0 = g * cg;
-                float rs[4];
-                for (long j = 0; j < nr; j++) rs[j] = rstd[(m * R + r0 + j) * G + g];
-                const float *vg = v + m * vs0 + r0 * vs1 + c0, *ag = add ? add + m * as0 + r0 * as1 + c0 : 0;
-                const float *pg = pm ? pm + m * ps0 + r0 * ps1 + c0 : 0, *hg = xh + m * hs0 + r0 * hs1 + c0;
-                const float *qg = qm ? qm + m * qs0 + r0 * qs1 + c0 : 0;
-                float *yg = y + m * ys0 + r0 * ys1 + c0;
-                #define GROUP(NR) group_rows_back(NR, cg, vg, vs1, ag, as1, pg, ps1, hg, hs1, rs, w + m * ws0 + c0, qg, qs1, yg, ys1)
-                switch (nr) {
-                    case 4: GROUP(4); break;
-                    case 3: GROUP(3); break;
-                    case 2: GROUP(2); break;
-                    default: GROUP(1);
-                }
-                #undef GROUP
-            }
-        }
-    }
+    #define GROUP(NR) group_rows_back(NR, cg, vg, vs1, ag, as1, pg, ps1, hg, hs1, rs, w + m * ws0 + c0, qg, qs1, yg, ys1)
+    EACH_GROUP_OF_ROWS(
+        float rs[4];
+        for (long j = 0; j < nr; j++) rs[j] = rstd[(m * R + r0 + j) * G + g];
+        const float *vg = v + m * vs0 + r0 * vs1 + c0, *ag = add ? add + m * as0 + r0 * as1 + c0 : 0;
+        const float *pg = pm ? pm + m * ps0 + r0 * ps1 + c0 : 0, *hg = xh + m * hs0 + r0 * hs1 + c0;
+        const float *qg = qm ? qm + m * qs0 + r0 * qs1 + c0 : 0;
+        float *yg = y + m * ys0 + r0 * ys1 + c0;
+        BY_ROW_COUNT(GROUP);
+    );
+    #undef GROUP
 }
 
 /* A solver step's bookkeeping, one pass per row r < R of C entries (rows addressed by row strides):
