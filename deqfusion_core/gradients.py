@@ -223,15 +223,17 @@ class RowCompactingVJP:
 
     def vjp(self, v: torch.Tensor) -> torch.Tensor:
         if self.fast is None and self.vjp_at is not None and self.autograd_vjps >= FAST_AFTER:
-            rows = self.graph_rows
-            self.fast = self.vjp_at(*((self.z_star, self.inj) if rows is None else (self.z_star[rows],
-                                                                                  self.inj.select(rows))))
+            self.fast = self.vjp_at(*self.graph_inputs(self.graph_rows))
             if self.fast is None:
                 self.vjp_at = None          # it does not apply: autograd's to the end
         if self.fast is not None:
             return self.fast(v)
         self.autograd_vjps += 1
         return torch.autograd.grad(self.fz, self.z, v, retain_graph=True)[0]
+
+    def graph_inputs(self, rows: torch.Tensor | None):
+        """The fixed point and the injection on the rows ``rows`` (None: all), where f is applied for a VJP."""
+        return (self.z_star, self.inj) if rows is None else (self.z_star[rows], self.inj.select(rows))
 
     def position(self, rows: torch.Tensor) -> torch.Tensor:
         return rows if self.inv is None else self.inv[rows]
@@ -248,14 +250,15 @@ class RowCompactingVJP:
 
     def reapply(self, rows: torch.Tensor):
         """Re-apply f to the rows ``rows`` alone; later VJPs run on that smaller graph."""
+        z_rows, inj_rows = self.graph_inputs(rows)
         if self.fast is not None:
-            self.fast = self.vjp_at(self.z_star[rows], self.inj.select(rows))
+            self.fast = self.vjp_at(z_rows, inj_rows)
         if self.fast is not None:
             z = fz = None
         else:
             with torch.enable_grad():
-                z = self.z_star[rows].detach().requires_grad_()
-                fz = self.layer(z, self.inj.select(rows))
+                z = z_rows.detach().requires_grad_()
+                fz = self.layer(z, inj_rows)
         inv = torch.empty(self.grad.shape[0], dtype=torch.long, device=rows.device)
         inv[rows] = torch.arange(rows.numel(), device=rows.device)
         self.buf = self.buf[self.position(rows)]
