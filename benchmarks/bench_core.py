@@ -45,7 +45,8 @@ def now() -> float:
 
 def build(args):
     return contractive_problem(args.batch, [args.dim] * args.modalities, args.dim, args.classes,
-                               args.warmup_steps, device=args.device, seed=args.seed)
+                               args.warmup_steps, device=args.device, seed=args.seed,
+                               max_warmup_steps=args.max_warmup_steps)
 
 
 def loss_of(fused, head, labels):
@@ -302,7 +303,7 @@ class PeakRSS:
 
 def memory_child(args):
     """Run one method's training step in this (fresh) process; print peak RSS growth in MiB."""
-    ours, xs, head, labels = build(args)
+    ours, xs, head, labels, _, _ = build(args)
     kind, steps = args.memory_of.split(":")
     steps = int(steps)
     if kind == "deqfusion":
@@ -331,7 +332,8 @@ def memory(args, report, have_ref):
     methods = ["deqfusion:10", "deqfusion:100"] + (["reference:10", "reference:100"] if have_ref else [])
     for meth in methods:
         cmd = [sys.executable, __file__, "--memory-of", meth, "--batch", str(args.batch), "--dim", str(args.dim),
-               "--modalities", str(args.modalities), "--warmup-steps", "0", "--device", args.device,
+               "--modalities", str(args.modalities), "--warmup-steps", "0", "--max-warmup-steps", "0",
+               "--device", args.device,
                "--seed", str(args.seed)]
         # A fixed mmap threshold makes glibc return freed tensors to the OS, so resident memory tracks live
         # tensors; with its default dynamic threshold, heap fragmentation makes RSS creep with every step.
@@ -417,6 +419,8 @@ def main(argv=None):
     p.add_argument("--classes", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=10, help="Jacobian-regularised steps that make f contractive")
+    p.add_argument("--max-warmup-steps", type=int, default=100, help="more steps, one at a time, while the forward "
+                   "solve does not reach 1e-6 within 105 steps (deqfusion_core.bench.contractive_problem)")
     p.add_argument("--unrolled-steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0, help="the problem's seed (weights, inputs, labels)")
     p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run")
@@ -443,7 +447,9 @@ def main(argv=None):
         report["skipped"].append("reference: DEQFUSION_REFERENCE_ROOT is unset")
     else:
         R = load_reference()
-    ours, xs, head, labels = build(args)
+    ours, xs, head, labels, warmup, converges = build(args)
+    report["problem"] = {"warmup_steps": warmup, "forward_converges": converges}
+    print(f"problem: {warmup} Jacobian-regularised steps; forward solve reaches 1e-6 within 105 steps: {converges}")
     parts = (("cost", "cost", lambda: cost(args, report)),
              ("forward", "forward", lambda: forward_solve(args, ours, xs, R, report)),
              ("train", "train_step", lambda: train_steps(args, ours, xs, head, labels, R, report)),

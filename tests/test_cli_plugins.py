@@ -1,6 +1,7 @@
 """Plugin manager and command line, end to end, with a plugin declared by the test itself."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -170,14 +171,27 @@ def test_demo_runs_and_writes_plots(tmp_path):
     assert (tmp_path / "gates.png").stat().st_size > 1000
 
 
-def test_bench_prints_steps_and_times_per_tolerance():
-    out = subprocess.run([sys.executable, "-m", "deqfusion_core", "bench", "--batch", "16", "--dims", "8", "12",
-                          "--dim", "8", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+def test_bench_prints_steps_and_times_per_tolerance_of_converged_solves():
+    """At 3 x 64, batch 64, ten Jacobian-regularised steps leave f non-contractive at some rows (forward solves
+    ran 105/105 steps unconverged before the warm-up checked convergence); every solve now converges."""
+    out = subprocess.run([sys.executable, "-m", "deqfusion_core", "bench", "--batch", "64", "--dims", "64", "64", "64",
+                          "--dim", "64", "--repeats", "1"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+    assert re.search(r"after \d+ Jacobian-regularised steps\n", out.stdout), out.stdout
     lines = [line for line in out.stdout.splitlines() if line.startswith("f_tol")]
     assert [line.split(":")[0] for line in lines] == ["f_tol 0.001 b_tol 0.001", "f_tol 0.0001 b_tol 0.0001",
                                                       "f_tol 1e-06 b_tol 0.0003"]
     assert all("train step" in line and "steps" in line for line in lines)
+    assert all(line.count(", converged (tol") == 2 and "NOT converged" not in line for line in lines), lines
+
+
+def test_bench_says_when_its_problem_does_not_converge():
+    """Width 8 in 4 groups (norms over 2 entries): no warm-up makes every row's forward solve converge; bench says so."""
+    out = subprocess.run([sys.executable, "-m", "deqfusion_core", "bench", "--batch", "16", "--dims", "8", "12",
+                          "--dim", "8", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "after 100 Jacobian-regularised steps (its forward solve still does not reach 1e-06" in out.stdout
+    assert "NOT converged" in out.stdout
 
 
 def test_bench_machine_names_the_commit():

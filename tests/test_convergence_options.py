@@ -624,3 +624,20 @@ def test_norm_options_belong_to_the_norm_of_their_layer():
     with pytest.raises(ValueError, match="norm_options"):
         FusionOptions({"norm": "none", "norm_options": {"max_gain": 0.2}}, defaults=defaults).build([4, 4], 4,
                                                                                                    num_groups=2)
+
+
+def test_bench_problem_warms_up_until_its_forward_solve_converges():
+    """contractive_problem (bench and benchmarks/bench_core.py): ten Jacobian-regularised steps leave f
+    non-contractive at some rows of the 3 x 64, batch 64 problem (seed 0); the warm-up goes on until the
+    fusion's forward solve reaches 1e-6 within 105 steps, checked here through the module's own forward."""
+    from deqfusion_core.bench import contractive_problem, forward_converges
+
+    fixed = contractive_problem(64, (64, 64, 64), 64, seed=0, max_warmup_steps=10)
+    assert fixed.warmup_steps == 10 and fixed.converged is None
+    assert not forward_converges(fixed.fusion, fixed.xs)
+    p = contractive_problem(64, (64, 64, 64), 64, seed=0)
+    assert p.converged and 10 < p.warmup_steps < 100
+    p.fusion.f_tol, p.fusion.f_max_iter = 1e-6, 105
+    with torch.no_grad():
+        stats = p.fusion(p.xs).stats
+    assert stats.converged and stats.rel_residuals.max() <= 1e-6 and stats.nstep < 105
