@@ -33,7 +33,7 @@ from torch import nn
 from . import kernels
 
 __all__ = ["GroupNorm", "group_norm", "block", "ModalityBlock", "FuseBlock", "Injection", "BlockParams", "FusionMap",
-           "RowMap", "GateTrace", "BATCHED_MAX", "X_FUSE", "GATINGS"]
+           "RowMap", "GateTrace", "Tape", "BATCHED_MAX", "X_FUSE", "GATINGS"]
 
 X_FUSE = ("weighted_sum", "linear")   # the ways to compute x_fuse (FusionMap's ``x_fuse``)
 # FusionMap's ``gating``: True / "linear" is Eq. 9 (alpha_i = W_a (z_fuse + z_i) + b_a, unbounded); "sigmoid" (ours)
@@ -59,13 +59,32 @@ def ones(n: int, like: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, out: torch.Tensor | None = None):
+class Tape:
+    """What f's hand-derived VJP (:mod:`~deqfusion_core.vjp`) reads, recorded while f runs under autograd (``layer(z,
+    inj, tape=...)``): per GroupNorm with an affine, in f's order, its normalised input and 1 / std [..., G]
+    (``norms``); the ReLUs' outputs, whose signs are their masks (``relus``); the gates (``gates``). Detached views
+    of tensors autograd keeps for f's own backward anyway."""
+
+    def __init__(self):
+        self.norms: list = []
+        self.relus: list = []
+        self.gates: torch.Tensor | None = None
+
+
+def group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float, out: torch.Tensor | None = None,
+               tape: Tape | None = None):
     """GroupNorm of [..., C] over the last dim as a layer norm over [..., G, C/G] with a weight of ones (torch's
     CPU layer norm without one is 2.2x slower, same result) and a per-channel affine (``weight``, ``bias``
-    broadcast against x; None: no affine). ``out``: write the result there (no autograd)."""
+    broadcast against x; None: no affine). ``out``: write the result there (no autograd). ``tape``: record the
+    normalised input and 1 / std there (``F.layer_norm`` is ``native_layer_norm``'s first output: same values)."""
     shape = x.shape
-    y = F.layer_norm(x.view(*shape[:-1], groups, -1), (shape[-1] // groups,), ones(shape[-1] // groups, x),
-                     eps=eps).view(shape)
+    grouped, size = x.view(*shape[:-1], groups, -1), (shape[-1] // groups,)
+    if tape is None or weight is None:
+        y = F.layer_norm(grouped, size, ones(size[0], x), eps=eps).view(shape)
+    else:
+        y, _, rstd = torch.native_layer_norm(grouped, size, ones(size[0], x), None, eps)
+        y = y.view(shape)
+        tape.norms.append((y.detach(), rstd.detach().view(*shape[:-1], groups)))
     if weight is None:
         return y if out is None else out.copy_(y)
     return torch.addcmul(bias, y, weight) if out is None else torch.addcmul(bias, y, weight, out=out)
@@ -76,18 +95,19 @@ class GroupNorm(nn.GroupNorm):
     torch's group_norm kernel has no spatial extent to vectorise over here and is 1.7x slower forward, 3x
     slower backward on CPU (measured at 612 x 500, 4 groups)."""
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None, tape: Tape | None = None) -> torch.Tensor:
         if x.dim() != 2:
             return super().forward(x) if out is None else out.copy_(super().forward(x))
-        return group_norm(x, self.num_groups, self.weight if self.affine else None, self.bias, self.eps, out)
+        return group_norm(x, self.num_groups, self.weight if self.affine else None, self.bias, self.eps, out, tape)
 
 
-def block(z, x2, w1, b1, w2, g1, g2, g3, groups, eps, out=None, work=None):
+def block(z, x2, w1, b1, w2, g1, g2, g3, groups, eps, out=None, work=None, tape=None):
     """f_theta_i (Eq. 7-8) on z [..., b, d]: GN(ReLU(GN(ReLU(GN(z W1 + b1)) W2 + b2 + x) + z)) with ``x2`` = x + b2,
     weights given transposed ([d, d] or stacked [N, d, d]: then every op runs on all N modalities at once) and
     each GN's (weight, bias). In place where the producer's backward does not need its output; ``out``: write
     the result there (no autograd; then on float32 CPU tensors each GN with its neighbours is one fused kernel,
-    and the two products go to ``work`` [2, *z.shape] if given: no allocation, so no fresh pages to fault in)."""
+    and the two products go to ``work`` [2, *z.shape] if given: no allocation, so no fresh pages to fault in).
+    ``tape``: record the norms and the two ReLUs' outputs there (:class:`Tape`)."""
     if out is not None and g1[0] is not None and kernels.usable(z):
         mm = torch.mm if z.dim() == 2 else torch.bmm
         h, a = (None, None) if work is None else work
@@ -95,9 +115,11 @@ def block(z, x2, w1, b1, w2, g1, g2, g3, groups, eps, out=None, work=None):
         return kernels.gn_fused(mm(h, w2, out=a), groups, eps, *g2, add=x2, res=z, post=True, weight3=g3[0],
                                 bias3=g3[1], out=out)
     mm = torch.addmm if z.dim() == 2 else torch.baddbmm
-    h = F.relu(group_norm(mm(b1, z, w1), groups, *g1, eps), inplace=True)
-    h = group_norm(mm(x2, h, w2), groups, *g2, eps).add_(z)
-    return group_norm(F.relu(h, inplace=True), groups, *g3, eps, out)
+    n = F.relu(group_norm(mm(b1, z, w1), groups, *g1, eps, tape=tape), inplace=True)
+    s = F.relu(group_norm(mm(x2, n, w2), groups, *g2, eps, tape=tape).add_(z), inplace=True)
+    if tape is not None:
+        tape.relus += [n.detach(), s.detach()]
+    return group_norm(s, groups, *g3, eps, out, tape)
 
 
 class ModalityBlock(nn.Module):
@@ -159,12 +181,13 @@ class FuseBlock(nn.Module):
         return each.sum(0), each
 
     def forward(self, z_fuse, zs, x_fuse, gate_mask=None, fuse_mask=None, gate_means=None, present=None,
-                x_fuse_biased=None, out=None, work=None):
+                x_fuse_biased=None, out=None, work=None, tape=None):
         """``zs``: the modality states, a list of [b, d] or stacked [N, b, d]. ``present`` [b, N] bool or None:
         the sum runs over the present modalities, whose states are the only nonzero ones (absent ones are
         zero), and N is their count per sample. ``x_fuse_biased``: x_fuse + the fuse Linear's bias, if the
         caller has it (saves one addition). ``out``: write the result there (no autograd), ``work``: scratch
-        [2, b, d] then (no allocation in a solver step)."""
+        [2, b, d] then (no allocation in a solver step). ``tape``: record the gates, the ReLU's output and the
+        norm there (:class:`Tape`)."""
         each = None
         if self.gate is None:                       # Table 6 ablation: z'_i = z_i
             purified = _total(zs)
@@ -181,6 +204,8 @@ class FuseBlock(nn.Module):
             n = present.sum(1, keepdim=True).to(z_fuse.dtype)
             gates = torch.addcmul(F.linear(n * z_fuse + _total(zs), self.gate.weight), n, self.gate.bias)
         if self.gate is not None:
+            if tape is not None:
+                tape.gates = gates.detach()
             if gate_mask is not None:
                 gates = gates * gate_mask
             purified = gates.mul_(z_fuse) if work is not None else z_fuse * gates
@@ -202,7 +227,10 @@ class FuseBlock(nn.Module):
             h = torch.addmm(x_fuse_biased, purified, self.fuse.weight.t())
         else:
             h = self.fuse(purified).mul_(fuse_mask).add_(x_fuse)
-        return self.gn(F.relu(h, inplace=True), out)
+        h = F.relu(h, inplace=True)
+        if tape is not None:
+            tape.relus.append(h.detach())
+        return self.gn(h, out, tape)
 
 
 class Injection:
@@ -353,19 +381,20 @@ class FusionMap(nn.Module):
         return BlockParams(each, (w1, b1[:, None], w2, *gns), gn.num_groups, gn.eps)
 
     def modality_states(self, zz: torch.Tensor, parts: Sequence[torch.Tensor], inj: Injection,
-                        out: torch.Tensor | None = None):
+                        out: torch.Tensor | None = None, tape: Tape | None = None):
         """f_i(z_i; x_i) for every modality (Eq. 7-8) from the state ``zz`` [b, N+1, d] (``parts``: its unbind):
         stacked [N, b, d] (every op on all modalities at once) when there are at most ``BATCHED_MAX`` entries per
         modality, else a list of N [b, d] (one matrix product per modality, on ``parts``: a slice or select per use
         would fill a zero gradient of the whole state in the backward each time). ``out`` [b, N, d]: written there
-        (no autograd)."""
+        (no autograd). ``tape``: passed to :func:`block`."""
         P, n = inj.blocks, self.num_modalities
         b, d = zz.shape[0], zz.shape[2]
         if b * d <= BATCHED_MAX:
             return block(zz[:, :n].transpose(0, 1), inj.x2, *P.stacked, P.groups, P.eps,
-                         None if out is None else out.transpose(0, 1), None if out is None else inj.work(2, n, b, d))
+                         None if out is None else out.transpose(0, 1), None if out is None else inj.work(2, n, b, d),
+                         tape)
         return [block(parts[i], inj.x2[i], *P.each[i], P.groups, P.eps, None if out is None else out[:, i],
-                      None if out is None else inj.work(2, b, d)) for i in range(n)]
+                      None if out is None else inj.work(2, b, d), tape) for i in range(n)]
 
     def _weighted(self, xs):
         """sum_i w_i x_i (Eq. 12) or sum_i W_i x_i (``x_fuse="linear"``), without the bias."""
@@ -373,21 +402,23 @@ class FusionMap(nn.Module):
             return sum(w * x for w, x in zip(self.weights, xs))
         return sum(lin(x) for lin, x in zip(self.fuse_in, xs))
 
-    def layer(self, z: torch.Tensor, inj: Injection, gate_means: list | None = None) -> torch.Tensor:
+    def layer(self, z: torch.Tensor, inj: Injection, gate_means: list | None = None,
+              tape: Tape | None = None) -> torch.Tensor:
         """One application of f to the flat state z [b, (N+1)*dim]; ``gate_means`` collects the
         per-sample mean gate per modality [b, N] (paper Fig. 3). Without autograd (a solver's steps), the
-        parts of f(z) are written into one new state instead of being concatenated."""
+        parts of f(z) are written into one new state instead of being concatenated. ``tape`` (under autograd):
+        record what f's hand-derived VJP reads there (:class:`Tape`)."""
         b, n, d = z.shape[0], self.num_modalities, self.dim
         zz = z.view(b, n + 1, d)
         parts = zz.unbind(1)
-        direct = self.blocks is not None and self.fusion is not None and inj.present is None \
+        direct = self.blocks is not None and self.fusion is not None and inj.present is None and tape is None \
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled(z.device.type) \
             and z.dtype == inj.x_fuse.dtype and not torch.compiler.is_compiling()   # out= breaks a compiled graph
         out = torch.empty_like(zz) if direct else None
         if self.blocks is None:
             new = list(inj.xs)
         else:
-            new = self.modality_states(zz, parts, inj, None if out is None else out[:, :n])
+            new = self.modality_states(zz, parts, inj, None if out is None else out[:, :n], tape)
             if inj.present is not None:   # an absent modality's f_i is the constant 0
                 if isinstance(new, torch.Tensor):
                     new = torch.where(inj.present.t()[:, :, None], new, 0.0)
@@ -398,7 +429,7 @@ class FusionMap(nn.Module):
         else:
             z_fuse = self.fusion(parts[n], new, inj.x_fuse, inj.gate_mask, inj.fuse_mask, gate_means, inj.present,
                                  inj.x_fuse_biased, None if out is None else out[:, n],
-                                 None if out is None else inj.work(2, b, d))
+                                 None if out is None else inj.work(2, b, d), tape)
         if out is not None:
             return out.view(b, -1)
         if isinstance(new, torch.Tensor):

@@ -19,7 +19,6 @@ A new mode subclasses :class:`Gradient` (or :class:`SolveThenDifferentiate`) and
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -28,7 +27,7 @@ from .fusion_map import GateTrace, Injection, RowMap
 from .jacobian import jacobian_loss
 from .solvers import SolveConfig, Tracker
 from .stats import BackwardReport, SolveResult, SolverStats
-from .vjp import vjp_at
+from .vjp import FusedVJP, tape_for
 
 __all__ = ["GRADIENTS", "register_gradient", "get_gradient", "Gradient", "SolveThenDifferentiate", "Implicit",
            "Phantom", "OneStep", "Unrolled", "WeightTied", "WEIGHT_TIED", "RowCompactingVJP", "ImplicitBackward",
@@ -75,10 +74,10 @@ def _training(m) -> bool:
     return m.training and torch.is_grad_enabled()
 
 
-def _at(m, z_star: torch.Tensor, inj: Injection):
-    """f applied once at the fixed point, on a fresh leaf: (z, f(z))."""
+def _at(m, z_star: torch.Tensor, inj: Injection, tape=None):
+    """f applied once at the fixed point, on a fresh leaf: (z, f(z)); ``tape``: f records its VJP's inputs there."""
     z = z_star.detach().requires_grad_()
-    return z, m.layer(z, inj)
+    return z, (m.layer(z, inj) if tape is None else m.layer(z, inj, tape=tape))
 
 
 def _jacobian_at(m, z_star: torch.Tensor, inj: Injection) -> torch.Tensor:
@@ -117,7 +116,8 @@ class Implicit(SolveThenDifferentiate):
     stats' backward solution when its shape fits."""
 
     def attach(self, m, res, inj, warm, jac_needed):
-        z, fz = _at(m, res.z, inj)    # eager f: compile_f compiles only the tape-free solve
+        tape = tape_for(m, res.z, inj)    # where f's hand-derived VJP applies, f records what it reads
+        z, fz = _at(m, res.z, inj, tape)    # eager f: compile_f compiles only the tape-free solve
         jac = jacobian_loss(fz, z, m.jac_samples, blocks=_jac_blocks(m)) if jac_needed else None
         g0 = None if warm is None else warm.backward_state
         if g0 is not None and g0.shape != fz.shape:
@@ -126,7 +126,8 @@ class Implicit(SolveThenDifferentiate):
         if g0 is not None and keep is not None:   # absent parts of g stay zero: start them there
             g0 = torch.where(keep, g0, 0.0)
         report = BackwardReport(m.backward_solve)
-        backward = ImplicitBackward(m.layer, res.z, inj, m.backward_solve, g0, partial(vjp_at, m))
+        fast = None if tape is None else FusedVJP(m, res.z, inj, tape)
+        backward = ImplicitBackward(m.layer, res.z, inj, m.backward_solve, g0, fast)
         return Equilibrium(_ImplicitGrad.apply(fz, z, backward, report), res, jac, report)
 
 
@@ -168,13 +169,13 @@ class _ImplicitGrad(torch.autograd.Function):
 
 class ImplicitBackward:
     """The implicit gradient's backward solve, with what it needs from the forward: f (``layer``), the
-    fixed point z*, the injection, the solver settings, the warm start g0 (None: cold) and ``vjp_at(z, inj)``
-    (f's hand-derived VJP where it applies, :func:`~deqfusion_core.vjp.vjp_at`; None: autograd's)."""
+    fixed point z*, the injection, the solver settings, the warm start g0 (None: cold) and f's hand-derived VJP
+    at z* where it applies (a :class:`~deqfusion_core.vjp.FusedVJP`; None: autograd's)."""
 
     def __init__(self, layer, z_star: torch.Tensor, inj: Injection, config: SolveConfig,
-                 g0: torch.Tensor | None = None, vjp_at=None):
+                 g0: torch.Tensor | None = None, fast: FusedVJP | None = None):
         self.layer, self.z_star, self.inj, self.config, self.g0 = layer, z_star, inj, config, g0
-        self.vjp_at = vjp_at
+        self.fast = fast
 
     @torch.compiler.disable
     def solve(self, fz: torch.Tensor, z: torch.Tensor, grad: torch.Tensor) -> SolveResult:
@@ -182,17 +183,9 @@ class ImplicitBackward:
         grad = grad.detach()
         # cold start at grad, the first iterate from zero (that step's VJP would be of zeros)
         g_init = grad.clone() if self.g0 is None else self.g0.to(grad)
-        # the hand VJP only where the cap leaves it room to earn back its cost (DEQFusion's default cap 10 does not)
-        vjp_at = self.vjp_at if self.config.max_iter >= 2 * FAST_AFTER else None
         with torch.no_grad():
-            h = RowCompactingVJP(self.layer, self.z_star, self.inj, fz, z, grad, g_init, vjp_at)
+            h = RowCompactingVJP(self.layer, self.z_star, self.inj, fz, z, grad, g_init, self.fast)
             return self.config.run(h, g_init)
-
-
-# Autograd's VJPs a backward solve takes before it builds f's hand-derived VJP (about one f at z*; each of its VJPs
-# then saves 15-20% of autograd's at BRCA shapes, half at 6 x 64): solves that end within this many steps (MM-Dynamics'
-# on ROSMAP take ~5) do not pay for it, and solves capped below twice this many never build it. docs/speed.md.
-FAST_AFTER = 8
 
 
 class RowCompactingVJP:
@@ -202,9 +195,8 @@ class RowCompactingVJP:
     Converged samples stop; once the running ones are at most half of those in the current graph, f is
     re-applied to them alone, so later VJPs cost in proportion to them.
 
-    The VJP is autograd's through the graph ``fz = f(z)`` for the first ``FAST_AFTER`` VJPs of a solve, then
-    ``vjp_at(z, inj)``'s where that gives one (f's hand-derived VJP, :mod:`~deqfusion_core.vjp`; called without
-    autograd): building it costs about one f, which a solve that ends within a few steps would not earn back.
+    The VJP is f's hand-derived one (``fast``, :mod:`~deqfusion_core.vjp`) where it applies, else autograd's
+    through the graph ``fz = f(z)``; re-applying f to fewer rows is then selecting the hand VJP's rows.
 
     State: the current graph (``fz = f(z)``, or the hand VJP ``fast`` at z) over a batch of ``size`` rows (all rows,
     or those running when f was last re-applied); ``inv`` maps a batch row to its position in that graph (None: identity); ``buf``
@@ -213,27 +205,17 @@ class RowCompactingVJP:
     """
 
     def __init__(self, layer, z_star: torch.Tensor, inj: Injection, fz: torch.Tensor, z: torch.Tensor,
-                 grad: torch.Tensor, g_init: torch.Tensor, vjp_at=None):
-        self.layer, self.z_star, self.inj, self.grad, self.vjp_at = layer, z_star, inj, grad, vjp_at
-        self.fz, self.z = fz, z
-        self.fast, self.autograd_vjps, self.graph_rows = None, 0, None
+                 grad: torch.Tensor, g_init: torch.Tensor, fast: FusedVJP | None = None):
+        self.layer, self.z_star, self.inj, self.grad = layer, z_star, inj, grad
+        self.fz, self.z, self.fast, self.all_rows_fast = fz, z, fast, fast
         self.size, self.inv = grad.shape[0], None
         self.buf = g_init.clone()
         self.rows = self.pos = None
 
     def vjp(self, v: torch.Tensor) -> torch.Tensor:
-        if self.fast is None and self.vjp_at is not None and self.autograd_vjps >= FAST_AFTER:
-            self.fast = self.vjp_at(*self.graph_inputs(self.graph_rows))
-            if self.fast is None:
-                self.vjp_at = None          # it does not apply: autograd's to the end
         if self.fast is not None:
             return self.fast(v)
-        self.autograd_vjps += 1
         return torch.autograd.grad(self.fz, self.z, v, retain_graph=True)[0]
-
-    def graph_inputs(self, rows: torch.Tensor | None):
-        """The fixed point and the injection on the rows ``rows`` (None: all), where f is applied for a VJP."""
-        return (self.z_star, self.inj) if rows is None else (self.z_star[rows], self.inj.select(rows))
 
     def position(self, rows: torch.Tensor) -> torch.Tensor:
         return rows if self.inv is None else self.inv[rows]
@@ -249,20 +231,17 @@ class RowCompactingVJP:
         return self.vjp(self.buf)[self.pos] + self.grad[rows]
 
     def reapply(self, rows: torch.Tensor):
-        """Re-apply f to the rows ``rows`` alone; later VJPs run on that smaller graph."""
-        z_rows, inj_rows = self.graph_inputs(rows)
+        """Re-apply f to the rows ``rows`` alone (the hand VJP: select its rows); later VJPs run on that smaller graph."""
         if self.fast is not None:
-            self.fast = self.vjp_at(z_rows, inj_rows)
-        if self.fast is not None:
-            z = fz = None
+            self.fast, z, fz = self.all_rows_fast.select(rows), None, None
         else:
             with torch.enable_grad():
-                z = z_rows.detach().requires_grad_()
-                fz = self.layer(z, inj_rows)
+                z = self.z_star[rows].detach().requires_grad_()
+                fz = self.layer(z, self.inj.select(rows))
         inv = torch.empty(self.grad.shape[0], dtype=torch.long, device=rows.device)
         inv[rows] = torch.arange(rows.numel(), device=rows.device)
         self.buf = self.buf[self.position(rows)]
-        self.fz, self.z, self.inv, self.size, self.graph_rows = fz, z, inv, rows.numel(), rows
+        self.fz, self.z, self.inv, self.size = fz, z, inv, rows.numel()
 
 
 def unroll(m, z0: torch.Tensor, inj: Injection, max_iter: int, tol: float, stop: str, keep: int = 0):

@@ -2,11 +2,13 @@
 backward at its floor on the CPU).
 
 Each backward solver step needs v -> v J_f(z*) at the same z*. Autograd replays f's recorded graph for it: some
-sixty nodes, each GroupNorm's backward in four to six passes over memory. :class:`FusedVJP` applies f once at z*
-keeping what the backward needs (normalised GroupNorm inputs, their 1 / std, the ReLUs' inputs, the gates) and then
-computes each product with f's eight matrix products and one fused kernel per GroupNorm (``kernels.gn_backward``:
-the norm's VJP with the ReLU mask and the addition next to it). The formulas (f of ``fusion_map``; u the input of a
-GroupNorm, xh its normalised input, w its weight):
+sixty nodes, each GroupNorm's backward in four to six passes over memory. :class:`FusedVJP` reads what it needs from
+the :class:`~deqfusion_core.fusion_map.Tape` that f's own application at z* under autograd recorded (the implicit
+backward applies f there anyway, for the parameters' gradient): normalised GroupNorm inputs, their 1 / std, the ReLUs'
+outputs (their masks), the gates. So it costs nothing to build and has f's exact values and ReLU masks. Each product
+is then f's eight matrix products and one fused kernel per GroupNorm (``kernels.gn_backward``: the norm's VJP with the
+ReLU mask and the addition next to it). The formulas (f of ``fusion_map``; u the input of a GroupNorm, xh its
+normalised input, w its weight):
 
     GN'(t)        = rstd * (t w - mean(t w) - xh * mean(t w xh))       over each row's group (t: the cotangent)
     fuse block    d_u = GN_f'(v_fuse) [u_f > 0];  d_p = d_u W_f;  d_tot = (d_p * z_fuse) W_a
@@ -14,35 +16,28 @@ GroupNorm, xh its normalised input, w its weight):
                   without the gate (gating=False): d_tot = d_p, g_fuse = 0
     block i       d_s = GN_3'(v_i + d_tot) [s_i > 0];  d_h = GN_2'(d_s) W_2;  g_i = d_s + GN_1'(d_h [n_i > 0]) W_1
 
-It applies where the kernels do (float32 CPU, :func:`kernels.usable`) to FusionMap's own f with the paper's linear
-gate or none, all modalities present and no dropout inside f (``FusedVJP.applies``); otherwise the backward keeps autograd.
+It applies where the kernels do (float32 CPU, :func:`kernels.usable` without autograd) to FusionMap's own f with the
+paper's linear gate or none, affine GroupNorms, all modalities present and no dropout inside f (:func:`tape_for`);
+otherwise the backward keeps autograd's.
 tests/test_vjp.py checks it against autograd's VJP of the same f and against finite differences.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from . import fusion_map, kernels
+from .fusion_map import Tape
 
-__all__ = ["FusedVJP", "vjp_at"]
-
-
-def _group_norm(u: torch.Tensor, groups: int, eps: float, weight, bias):
-    """``fusion_map.group_norm`` with the same ops (so the same values as f's autograd path, ReLU masks included),
-    also returning the normalised input and its rstd [..., G] (as the norm's own backward reads them)."""
-    shape = u.shape
-    xh, _, rstd = torch.native_layer_norm(u.view(*shape[:-1], groups, -1), (shape[-1] // groups,),
-                                          fusion_map.ones(shape[-1] // groups, u), None, eps)
-    xh = xh.view(shape)
-    return torch.addcmul(bias, xh, weight), xh, rstd.view(*shape[:-1], groups)
+__all__ = ["FusedVJP", "tape_for"]
 
 
-def _block_back(v, add, out, saved, work):
+def _block_back(v, add, out, acts, params, work):
     """The VJP of the modality blocks (Eq. 7-8) from the cotangent ``v`` + ``add`` of their output into ``out``,
-    on [b, d] (one modality) or stacked [N, b, d] views; ``saved``: (xh, rstd, GN weight) of the three norms, the
-    two ReLUs' inputs (n, s) and the Linears' weights (W_1, W_2) for these views; ``work``: two scratch buffers."""
-    (xh1, r1, w1), (xh2, r2, w2), (xh3, r3, w3), (n, s), (lin1, lin2) = saved
+    on [b, d] (one modality) or stacked [N, b, d] views; ``acts``: the three norms' (xh, rstd) and the two ReLUs'
+    outputs (n, s) on these rows, ``params``: the norms' weights and the Linears' weights (W_1, W_2); ``work``: two
+    scratch buffers."""
+    xh1, r1, xh2, r2, xh3, r3, n, s = acts
+    w1, w2, w3, lin1, lin2 = params
     d_s = kernels.gn_backward(v, xh3, r3, w3, add=add, post_mask=s, out=out)
     d_h = kernels.gn_backward(d_s, xh2, r2, w2, out=work[0])
     d_h = torch.mm(d_h, lin2, out=work[1]) if v.dim() == 2 else torch.bmm(d_h, lin2, out=work[1])
@@ -50,65 +45,62 @@ def _block_back(v, add, out, saved, work):
     return out.addmm_(d_h, lin1) if v.dim() == 2 else out.baddbmm_(d_h, lin1)
 
 
+def tape_for(fm, z: torch.Tensor, inj) -> Tape | None:
+    """A :class:`~deqfusion_core.fusion_map.Tape` to pass to ``fm.layer(z, inj, tape=...)`` where f's hand-derived
+    VJP applies to this f and state, else None (the backward takes autograd's VJP)."""
+    with torch.no_grad():
+        usable = kernels.usable(z)
+    applies = (usable and getattr(fm.layer, "__func__", None) is fusion_map.FusionMap.layer and fm.blocks is not None
+               and fm.fusion is not None and fm.fusion.gating in ("linear", None) and fm.fusion.gn.affine
+               and inj.present is None and inj.gate_mask is None and inj.fuse_mask is None and inj.blocks is not None
+               and all(w is not None for w, _ in inj.blocks.stacked[3:]) and z.dtype == inj.x_fuse.dtype
+               and not torch.is_autocast_enabled(z.device.type))
+    return Tape() if applies else None
+
+
 class FusedVJP:
-    """``vjp(v)`` = v J_f(z) at the fixed ``z`` [b, (N+1) d] with the injection ``inj`` (its rows), for a
-    FusionMap ``fm`` that :meth:`applies`. Built once per backward solve (and per row selection); each call
-    allocates only its result."""
+    """``vjp(v)`` = v J_f(z) at ``z`` [b, (N+1) d] with the injection ``inj``, from the ``tape`` f recorded when it was
+    applied there (``fm.layer(z, inj, tape=tape)``, ``tape`` from :func:`tape_for`). ``select(rows)``: the same on
+    those rows. Each call allocates only its result."""
 
-    @staticmethod
-    def applies(fm, z: torch.Tensor, inj) -> bool:
-        return (type(fm).layer is fusion_map.FusionMap.layer and fm.blocks is not None and fm.fusion is not None
-                and fm.fusion.gating in ("linear", None) and fm.fusion.gn.affine and inj.present is None
-                and inj.gate_mask is None and inj.fuse_mask is None and inj.blocks is not None
-                and z.dtype == inj.x_fuse.dtype and kernels.usable(z))
-
-    @torch.no_grad()
-    def __init__(self, fm, z: torch.Tensor, inj):
+    def __init__(self, fm, z: torch.Tensor, inj, tape: Tape):
         b, N, d = z.shape[0], fm.num_modalities, fm.dim
         P = inj.blocks
-        zz = z.view(b, N + 1, d)
-        z_fuse = zz[:, N]
-        self.batched = b * d <= fusion_map.BATCHED_MAX           # as f runs the blocks (FusionMap.modality_states)
-        # f at z with the ops of its autograd path (fusion_map.block, FuseBlock.forward), keeping what the VJP reads
-        if self.batched:
-            zs, (w1, b1, w2, g1, g2, g3) = zz[:, :N].transpose(0, 1), P.stacked
-            mm = torch.baddbmm
-        else:
-            zs, (w1, b1, w2, g1, g2, g3) = zz.unbind(1)[:N], zip(*P.each)
-            mm = torch.addmm
-        saved = []
-        for i, z_i in enumerate([zs] if self.batched else zs):
-            at = (lambda t: t) if self.batched else (lambda t, i=i: t[i])
-            n, xh1, r1 = _group_norm(mm(at(b1), z_i, at(w1)), P.groups, P.eps, *at(g1))
-            s, xh2, r2 = _group_norm(mm(at(inj.x2), F.relu(n), at(w2)), P.groups, P.eps, *at(g2))
-            s = s.add_(z_i)
-            y, xh3, r3 = _group_norm(F.relu(s), P.groups, P.eps, *at(g3))
-            saved.append((y, (xh1, r1, at(g1)[0]), (xh2, r2, at(g2)[0]), (xh3, r3, at(g3)[0]), (n, s),
-                          (at(w1).transpose(-1, -2), at(w2).transpose(-1, -2))))   # the Linears' own weights
+        self.batched = b * d <= fusion_map.BATCHED_MAX     # as f ran the blocks (FusionMap.modality_states)
+        lin = lambda w: w.transpose(-1, -2)                # the Linears' own weights (f holds them transposed)
+        norms = [xh_rstd for norm in tape.norms[:-1] for xh_rstd in norm]
+        self.params = [tuple(t.detach() for t in (g1[0], g2[0], g3[0], lin(w1), lin(w2)))
+                       for w1, _, w2, g1, g2, g3 in ([P.stacked] if self.batched else P.each)]
+        # per block: (xh, rstd) of its three norms and its two ReLUs' outputs, all [b, ...] or stacked [N, b, ...]
+        self.acts = [(*norms[6 * k:6 * k + 6], *tape.relus[2 * k:2 * k + 2]) for k in range(len(self.params))]
         fuse = fm.fusion
-        new = saved[0][0] if self.batched else [part[0] for part in saved]
-        if fuse.gate is None:                                   # no gate: z_fuse' = sum_i z_i (FuseBlock)
-            self.gates, purified = None, fusion_map._total(new)
-        else:
-            self.gates = torch.addmm(N * fuse.gate.bias, fusion_map._total(new, z_fuse, N), fuse.gate.weight.t())
-            purified = z_fuse * self.gates
-        x_fuse_biased = inj.x_fuse + fuse.fuse.bias if inj.x_fuse_biased is None else inj.x_fuse_biased
-        self.u_fuse = torch.addmm(x_fuse_biased, purified, fuse.fuse.weight.t())
-        _, self.xh_fuse, self.r_fuse = _group_norm(F.relu(self.u_fuse), fuse.gn.num_groups, fuse.gn.eps,
-                                                   fuse.gn.weight, fuse.gn.bias)
-        self.w_fuse, self.W_f, self.z_fuse = fuse.gn.weight, fuse.fuse.weight, z_fuse
-        self.W_a = None if fuse.gate is None else fuse.gate.weight
-        self.saved = [part[1:] for part in saved]    # one entry (stacked [N, ...]) or one per modality
+        self.u_fuse, (self.xh_fuse, self.r_fuse) = tape.relus[-1], tape.norms[-1]
+        self.gates, self.z_fuse = tape.gates, z.detach().view(b, N + 1, d)[:, N]
+        self.w_fuse, self.W_f = fuse.gn.weight.detach(), fuse.fuse.weight.detach()
+        self.W_a = None if fuse.gate is None else fuse.gate.weight.detach()
         self.shape = (b, N, d)
-        self.work = z.new_empty(3, b, d)
-        self.block_work = z.new_empty(2, N, b, d) if self.batched else z.new_empty(2, b, d)
+        self.work = None     # scratch of the first call, kept for the later ones
+
+    def select(self, rows: torch.Tensor) -> "FusedVJP":
+        """This VJP on the rows ``rows`` of its batch (index copies of what it keeps)."""
+        new = object.__new__(FusedVJP)
+        new.__dict__.update(self.__dict__)
+        bdim = 1 if self.batched else 0
+        new.acts = [tuple(t.index_select(bdim, rows) for t in acts) for acts in self.acts]
+        new.u_fuse, new.xh_fuse, new.r_fuse, new.z_fuse = (t[rows] for t in (self.u_fuse, self.xh_fuse, self.r_fuse,
+                                                                              self.z_fuse))
+        new.gates = None if self.gates is None else self.gates[rows]
+        new.shape, new.work = (rows.numel(), *self.shape[1:]), None
+        return new
 
     @torch.no_grad()
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         b, N, d = self.shape
         out = torch.empty_like(v)
         vv, o = v.view(b, N + 1, d), out.view(b, N + 1, d)
-        A, B, d_tot = self.work
+        if self.work is None:
+            self.work = v.new_empty(3, b, d), v.new_empty(2, N, b, d) if self.batched else v.new_empty(2, b, d)
+        (A, B, d_tot), work = self.work
         d_u = kernels.gn_backward(vv[:, N], self.xh_fuse, self.r_fuse, self.w_fuse, post_mask=self.u_fuse, out=A)
         if self.gates is None:        # f_fuse reads the modalities' new states only
             torch.mm(d_u, self.W_f, out=d_tot)
@@ -118,14 +110,8 @@ class FusedVJP:
             torch.mm(torch.mul(d_p, self.z_fuse, out=A), self.W_a, out=d_tot)
             torch.mul(d_tot, N, out=o[:, N]).addcmul_(d_p, self.gates)
         if self.batched:
-            _block_back(vv[:, :N].transpose(0, 1), d_tot, o[:, :N].transpose(0, 1), self.saved[0], self.block_work)
+            _block_back(vv[:, :N].transpose(0, 1), d_tot, o[:, :N].transpose(0, 1), self.acts[0], self.params[0], work)
         else:
-            for i, saved in enumerate(self.saved):
-                _block_back(vv[:, i], d_tot, o[:, i], saved, self.block_work)
+            for i, (acts, params) in enumerate(zip(self.acts, self.params)):
+                _block_back(vv[:, i], d_tot, o[:, i], acts, params, work)
         return out
-
-
-def vjp_at(fm, z: torch.Tensor, inj):
-    """f's hand-derived VJP in z at ``z`` (a :class:`FusedVJP`) where it applies (call without autograd), else None
-    (then the backward takes autograd's)."""
-    return FusedVJP(fm, z, inj) if FusedVJP.applies(fm, z, inj) else None

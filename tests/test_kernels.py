@@ -248,7 +248,7 @@ def test_torch_ops_switches_the_kernels_off_within_it(calls):
     with torch.no_grad():
         with kernels.torch_ops():
             plain = m.layer(z, m.inject(xs))
-            assert calls[0] == 0 and vjp.vjp_at(m, z, m.inject(xs)) is None
+            assert calls[0] == 0 and vjp.tape_for(m, z, m.inject(xs)) is None
         fused = m.layer(z, m.inject(xs))
-        assert calls[0] > 0 and vjp.vjp_at(m, z, m.inject(xs)) is not None
+        assert calls[0] > 0 and vjp.tape_for(m, z, m.inject(xs)) is not None
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,13 @@ pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None
                                 reason="no C compiler: the backward takes autograd's VJP (test_kernels covers it)")
 
 
+def _fast_vjp(m, z, inj):
+    """f applied at z under autograd recording its tape, as the implicit backward does; (f(z), the hand VJP)."""
+    tape = vjp.tape_for(m, z, inj)
+    fz = m.layer(z, inj, tape=tape)
+    return fz, vjp.FusedVJP(m, z, inj, tape)
+
+
 @pytest.mark.parametrize("dim,groups", [(16, 4), (40, 4), (30, 1)])
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("batch", [9, 12])
@@ -23,32 +30,59 @@ def test_fused_vjp_equals_autograd_vjp(dim, groups, batched, batch, gating, monk
     m = perturbed([dim] * 3, dim, groups, gating=gating)
     xs = inputs([dim] * 3, batch=batch)
     z = torch.randn(batch, m.state_width).requires_grad_()
-    fz = m.layer(z, m.inject(xs))
+    fz, fast = _fast_vjp(m, z, m.inject(xs))
+    assert fast.batched == batched
     v = torch.randn_like(fz)
-    expected = torch.autograd.grad(fz, z, v)[0]
-    with torch.no_grad():
-        fast = vjp.vjp_at(m, z.detach(), m.inject(xs))
-        assert isinstance(fast, vjp.FusedVJP) and fast.batched == batched
-        got = fast(v)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    expected = torch.autograd.grad(fz, z, v, retain_graph=True)[0]
+    torch.testing.assert_close(fast(v), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast(2 * v), 2 * expected, rtol=1e-5, atol=1e-5)   # its scratch reused
+    rows = torch.tensor([batch - 1, 0, 5])         # on some rows, in any order: autograd's VJP on those rows
+    masked = torch.zeros_like(v)
+    masked[rows] = v[rows]
+    torch.testing.assert_close(fast.select(rows)(v[rows]), torch.autograd.grad(fz, z, masked)[0][rows],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_tape_holds_f_s_own_tensors():
+    """Recording changes nothing in f, and the tape's ReLU outputs and normalised inputs are f's own."""
+    m = perturbed([8] * 2, 8, 2)
+    xs = inputs([8] * 2, batch=5)
+    z = torch.randn(5, m.state_width).requires_grad_()
+    inj = m.inject(xs)
+    tape = vjp.tape_for(m, z, inj)
+    torch.testing.assert_close(m.layer(z, inj, tape=tape), m.layer(z, inj), rtol=0, atol=0)
+    assert len(tape.norms) == 3 + 1 and len(tape.relus) == 2 + 1 and tape.gates.shape == (5, 8)
+    xh, rstd = tape.norms[-1]
+    torch.testing.assert_close(xh.view(5, 2, 4).mean(-1), torch.zeros(5, 2), rtol=0, atol=1e-6)
+    u = tape.relus[-1]
+    torch.testing.assert_close(xh.view(5, 2, 4), (u.view(5, 2, 4) - u.view(5, 2, 4).mean(-1, keepdim=True))
+                               * rstd[..., None], rtol=1e-5, atol=1e-5)
 
 
 def test_fused_vjp_applies_only_where_it_is_f():
     xs = inputs([8, 8], batch=3)
     z = torch.randn(3, 24)
-    with torch.no_grad():
-        for gating in (True, False):       # the paper's linear gate, or none
-            m = DEQFusion([8, 8], 8, gating=gating)
-            assert vjp.vjp_at(m, z, m.inject(xs)) is not None
-        assert vjp.vjp_at(m, z.double(), m.double().inject([x.double() for x in xs])) is None   # float64
-        for kw in (dict(gating="sigmoid"), dict(fuse_block=False), dict(modality_blocks=False)):
-            m = DEQFusion([8, 8], 8, **kw)
-            assert vjp.vjp_at(m, z, m.inject(xs)) is None, kw
-        m = DEQFusion([8, 8], 8)
-        assert vjp.vjp_at(m, z, m.inject(xs, torch.tensor([[True, False]] * 3))) is None   # a modality mask
-        m = DEQFusion([8, 8], 8, dropout=0.2).train()
-        assert vjp.vjp_at(m, z, m.inject(xs)) is None                                      # dropout inside f
-    assert vjp.vjp_at(m.eval(), z, m.inject(xs)) is None    # with autograd on: the kernels do not apply
+    for gating in (True, False):       # the paper's linear gate, or none
+        m = DEQFusion([8, 8], 8, gating=gating)
+        assert vjp.tape_for(m, z, m.inject(xs)) is not None
+    assert vjp.tape_for(m, z.double(), m.double().inject([x.double() for x in xs])) is None   # float64
+    for kw in (dict(gating="sigmoid"), dict(fuse_block=False), dict(modality_blocks=False)):
+        m = DEQFusion([8, 8], 8, **kw)
+        assert vjp.tape_for(m, z, m.inject(xs)) is None, kw
+    m = DEQFusion([8, 8], 8)
+    assert vjp.tape_for(m, z, m.inject(xs, torch.tensor([[True, False]] * 3))) is None   # a modality mask
+    for owners, name in ((m.blocks, "gn2"), ([m.fusion], "gn")):                        # norms without affine
+        norms = [getattr(owner, name) for owner in owners]
+        for owner in owners:
+            setattr(owner, name, fusion_map.GroupNorm(4, 8, affine=False))
+        assert vjp.tape_for(m, z, m.inject(xs)) is None, name
+        for owner, norm in zip(owners, norms):
+            setattr(owner, name, norm)
+    assert vjp.tape_for(m, z, m.inject(xs)) is not None
+    m = DEQFusion([8, 8], 8, dropout=0.2).train()
+    assert vjp.tape_for(m, z, m.inject(xs)) is None                                      # dropout inside f
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert vjp.tape_for(m.eval(), z, m.inject(xs)) is None                           # autocast
 
 
 def _grads(m, xs):
@@ -60,46 +94,47 @@ def _grads(m, xs):
 
 
 @pytest.mark.parametrize("gating", [True, False])
-@pytest.mark.parametrize("fast_after", [0, 3])     # built at the start, or after autograd's first VJPs
-def test_implicit_gradient_through_the_fused_vjp_is_autograds(gating, fast_after, monkeypatch):
-    """The same forward, the backward solve with either VJP: the same gradient (float32, solves to 1e-5)."""
-    monkeypatch.setattr(gradients, "FAST_AFTER", fast_after)
+def test_implicit_gradient_through_the_fused_vjp_is_autograds(gating, monkeypatch):
+    """The same forward, the backward solve with either VJP: the same gradient (float32, solves to 1e-5), with the
+    rows still running selected from the hand VJP as the backward compacts them."""
     torch.manual_seed(0)
     m = make_contractive(DEQFusion([12, 12, 12], 12, num_groups=4, f_tol=1e-5, f_max_iter=200, b_tol=1e-5,
                                    b_max_iter=200, jac_weight=0.0, gating=gating)).train()
     xs = inputs([12, 12, 12], batch=16, requires_grad=True)
-    calls = [0]
-    real = vjp.FusedVJP.__call__
+    calls, selects = [0], [0]
+    real_call, real_select = vjp.FusedVJP.__call__, vjp.FusedVJP.select
 
     def spy(self, v):
         calls[0] += 1
-        return real(self, v)
+        return real_call(self, v)
+
+    def spy_select(self, rows):
+        selects[0] += 1
+        return real_select(self, rows)
     monkeypatch.setattr(vjp.FusedVJP, "__call__", spy)
+    monkeypatch.setattr(vjp.FusedVJP, "select", spy_select)
     out, fused = _grads(m, xs)
-    assert calls[0] > 0 and out.stats.converged and out.stats.backward.converged
+    assert calls[0] == out.stats.backward.nstep and selects[0] > 0
+    assert out.stats.converged and out.stats.backward.converged
     calls[0] = 0
-    monkeypatch.setattr(gradients, "vjp_at", lambda *a: None)
+    monkeypatch.setattr(gradients, "tape_for", lambda *a: None)
     out, auto = _grads(m, xs)
     assert calls[0] == 0 and out.stats.backward.converged
     assert ((fused - auto).norm() / auto.norm()).item() < 1e-4
 
 
-def test_a_short_backward_solve_does_not_build_the_fused_vjp(monkeypatch):
-    """Within FAST_AFTER steps the backward keeps autograd's VJPs (building the hand one costs about one f)."""
-    built = []
-    real = vjp.FusedVJP.__init__
-    monkeypatch.setattr(vjp.FusedVJP, "__init__", lambda self, *a: built.append(1) or real(self, *a))
+def test_the_backward_takes_the_hand_vjp_from_its_first_step_without_applying_f(monkeypatch):
+    """With DEQFusion's defaults (backward cap 10) every backward step is the hand VJP, read from the tape of the
+    forward's f at z*: the backward applies f no more (autograd's path re-applies it to the rows still running)."""
     torch.manual_seed(0)
-    m = make_contractive(DEQFusion([12, 12, 12], 12, num_groups=4, f_tol=1e-5, f_max_iter=200, b_tol=1e-5,
-                                   b_max_iter=200, jac_weight=0.0)).train()
+    m = make_contractive(DEQFusion([12, 12, 12], 12, num_groups=4, b_tol=1e-6)).train()
     xs = inputs([12, 12, 12], batch=16, requires_grad=True)
-    monkeypatch.setattr(gradients, "FAST_AFTER", 1000)
-    out, _ = _grads(m, xs)
-    assert out.stats.backward.converged and not built
-    monkeypatch.setattr(gradients, "FAST_AFTER", 2)
-    out, _ = _grads(m, xs)
-    assert out.stats.backward.nstep > 2 and built
-    built.clear()
-    m.b_max_iter = 3                          # a cap below 2 x FAST_AFTER: never built
-    out, _ = _grads(m, xs)
-    assert out.stats.backward.nstep == 3 and not built
+    out = m(xs)
+    applied, calls = [0], [0]
+    real_layer, real_call = type(m).layer, vjp.FusedVJP.__call__
+    monkeypatch.setattr(type(m), "layer", lambda self, *a, **k: applied.__setitem__(0, applied[0] + 1)
+                        or real_layer(self, *a, **k))
+    monkeypatch.setattr(vjp.FusedVJP, "__call__", lambda self, v: calls.__setitem__(0, calls[0] + 1)
+                        or real_call(self, v))
+    out.fused.square().sum().backward()
+    assert m.b_max_iter == 10 and calls[0] == out.stats.backward.nstep > 1 and applied[0] == 0
