@@ -1,5 +1,6 @@
 """f's hand-derived VJP (deqfusion_core/vjp.py): equal to autograd's VJP of the same f, taken by the implicit
 backward exactly where it applies, and the gradient it gives equal to the float64 autograd one."""
+import copy
 import os
 import shutil
 
@@ -93,13 +94,16 @@ def _grads(m, xs):
     return out, torch.cat([g.flatten() for g in grads])
 
 
-@pytest.mark.parametrize("gating", [True, False])
-def test_implicit_gradient_through_the_fused_vjp_is_autograds(gating, monkeypatch):
+@pytest.mark.parametrize("kw", [dict(gating=True), dict(gating=False), dict(gating=False, norm="contractive")])
+def test_implicit_gradient_through_the_fused_vjp_is_autograds(kw, monkeypatch):
     """The same forward, the backward solve with either VJP: the same gradient (float32, solves to 1e-5), with the
-    rows still running selected from the hand VJP as the backward compacts them."""
+    rows still running selected from the hand VJP as the backward compacts them. With the contractive norm (the
+    easy-VQA recipe's f) the VJP reads the forward's normalised weights."""
     torch.manual_seed(0)
-    m = make_contractive(DEQFusion([12, 12, 12], 12, num_groups=4, f_tol=1e-5, f_max_iter=200, b_tol=1e-5,
-                                   b_max_iter=200, jac_weight=0.0, gating=gating)).train()
+    m = DEQFusion([12, 12, 12], 12, num_groups=4, f_tol=1e-5, f_max_iter=200, b_tol=1e-5, b_max_iter=200,
+                  jac_weight=0.0, **kw)
+    m = (m if m.norm else make_contractive(m)).train()
+    twin = copy.deepcopy(m)    # the same weights for the second forward (a norm's power iteration steps per forward)
     xs = inputs([12, 12, 12], batch=16, requires_grad=True)
     calls, selects = [0], [0]
     real_call, real_select = vjp.FusedVJP.__call__, vjp.FusedVJP.select
@@ -118,7 +122,7 @@ def test_implicit_gradient_through_the_fused_vjp_is_autograds(gating, monkeypatc
     assert out.stats.converged and out.stats.backward.converged
     calls[0] = 0
     monkeypatch.setattr(gradients, "tape_for", lambda *a: None)
-    out, auto = _grads(m, xs)
+    out, auto = _grads(twin, xs)
     assert calls[0] == 0 and out.stats.backward.converged
     assert ((fused - auto).norm() / auto.norm()).item() < 1e-4
 
