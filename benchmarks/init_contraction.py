@@ -7,7 +7,9 @@ them is f at initialisation at each config's shapes: DEQFusion built from the co
 without a norm and with ``norm=contractive``, on random features of the encoders' widths (post-ReLU for image
 features, tanh for pooled BERT ones, raw Gaussian for summed embeddings and scores), in evaluation mode: the
 spectral radius rho of df/dz at the solved state per sample (power iteration on the VJP, 30 steps) and whether
-the evaluation solve (the config's cap; DEQFusion's evaluation cap when it gives none) reaches the tolerance.
+the evaluation solve (the config's cap; DEQFusion's evaluation cap when it gives none) reaches the tolerance;
+then, in training mode, one forward and backward of a cross-entropy over a random linear head of the fused
+feature (10 classes): whether the implicit backward solve reaches the config's ``b_tol`` within its ``b_max_iter``.
 A config whose f is not contractive at initialisation starts its training from solves that do not converge;
 with the paper's fusion learning rate of 1e-4 (MM-IMDB) f hardly moves from there (docs/convergence.md,
 section 3, MultiBench MM-IMDB).
@@ -73,9 +75,18 @@ def measure(params: dict, dims, kinds, dim: int, seed: int, batch: int = 64) -> 
         warnings.simplefilter("ignore")
         stats = model(xs)[-1]
     rho = stats.spectral_radius
+    model.train().spectral_radius_iters = 0
+    head, labels = torch.randn(dim, 10) / dim ** 0.5, torch.randint(0, 10, (batch,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(xs)
+        torch.nn.functional.cross_entropy(out.fused @ head, labels).backward()
+    back = out.stats.backward
     return {"seed": seed, "rho_median": float(rho.median()), "rho_max": float(rho.max()),
             "rho_ge_1": float((rho >= 1).float().mean()), "converged": bool(stats.converged), "steps": stats.nstep,
-            "max_iter": stats.max_iter, "max_rel_residual": float(stats.rel_residuals.max())}
+            "max_iter": stats.max_iter, "max_rel_residual": float(stats.rel_residuals.max()),
+            "backward_converged": bool(back.converged), "backward_steps": back.nstep, "backward_max_iter": back.max_iter,
+            "backward_max_rel_residual": float(back.rel_residuals.max())}
 
 
 def main(argv=None) -> int:
@@ -104,14 +115,17 @@ def main(argv=None) -> int:
              __doc__.split("\n\n", 2)[2].strip(), "", f"Command: `{summary['command']}`; commit {commit[:10]}; "
              f"{a.seeds} seeds (model initialisation and features), batch 64.", "",
              "| config | norm | rho median (mean over seeds) | rho max | samples with rho >= 1 | evaluation solves "
-             "converged | mean steps / cap | max rel residual |", "|---|---|---|---|---|---|---|---|"]
+             "converged | mean steps / cap | max rel residual | implicit backward converged (training mode) | "
+             "mean steps / cap | max rel residual |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         runs = r["runs"]
         lines.append(f"| {r['config']} | {r['norm'] or 'none'}{' (shipped)' if r['shipped'] else ''} | {statistics.mean(x['rho_median'] for x in runs):.2f} | "
                      f"{max(x['rho_max'] for x in runs):.2f} | {statistics.mean(x['rho_ge_1'] for x in runs):.0%} | "
                      f"{sum(x['converged'] for x in runs)}/{len(runs)} | "
                      f"{statistics.mean(x['steps'] for x in runs):.1f} / {runs[0]['max_iter']} | "
-                     f"{max(x['max_rel_residual'] for x in runs):.2g} |")
+                     f"{max(x['max_rel_residual'] for x in runs):.2g} | {sum(x['backward_converged'] for x in runs)}/"
+                     f"{len(runs)} | {statistics.mean(x['backward_steps'] for x in runs):.1f} / "
+                     f"{runs[0]['backward_max_iter']} | {max(x['backward_max_rel_residual'] for x in runs):.2g} |")
     (a.out / "summary.md").write_text("\n".join(lines) + "\n")
     return 0
 
