@@ -19,7 +19,8 @@ normalised input, w its weight):
 It applies where the kernels do (float32 CPU, :func:`kernels.usable` without autograd) to FusionMap's own f with the
 paper's linear gate or none, affine GroupNorms, all modalities present and no dropout inside f (:func:`tape_for`);
 otherwise the backward keeps autograd's.
-tests/test_vjp.py checks it against autograd's VJP of the same f and against finite differences.
+tests/test_vjp.py checks it against autograd's VJP of the same f (whose gradients tests/test_fusion.py checks against
+finite differences) and the implicit gradient through it against the one through autograd's VJP.
 """
 from __future__ import annotations
 
