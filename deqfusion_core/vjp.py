@@ -15,10 +15,12 @@ normalised input, w its weight):
                   g_fuse = d_p * gates + N d_tot                        (the gates' sum: FuseBlock's docstring)
                   without the gate (gating=False): d_tot = d_p, g_fuse = 0
     block i       d_s = GN_3'(v_i + d_tot) [s_i > 0];  d_h = GN_2'(d_s) W_2;  g_i = d_s + GN_1'(d_h [n_i > 0]) W_1
+    modality mask (``present``, module docstring of fusion_map): N is each row's count of present modalities, and an
+                  absent modality's f_i is the constant 0, so its block gets no cotangent (v_i + d_tot: 0) and g_i = 0
 
 It applies where the kernels do (float32 CPU, :func:`kernels.usable` without autograd) to FusionMap's own f with the
-paper's linear gate or none, affine GroupNorms, all modalities present and no dropout inside f (:func:`tape_for`);
-otherwise the backward keeps autograd's.
+paper's linear gate or none, affine GroupNorms, with or without a modality mask, and no dropout inside f
+(:func:`tape_for`); otherwise the backward keeps autograd's.
 tests/test_vjp.py checks it against autograd's VJP of the same f (whose gradients tests/test_fusion.py checks against
 finite differences) and the implicit gradient through it against the one through autograd's VJP.
 """
@@ -53,7 +55,7 @@ def tape_for(fm, z: torch.Tensor, inj) -> Tape | None:
         usable = kernels.usable(z)
     applies = (usable and getattr(fm.layer, "__func__", None) is fusion_map.FusionMap.layer and fm.blocks is not None
                and fm.fusion is not None and fm.fusion.gating in ("linear", None) and fm.fusion.gn.affine
-               and inj.present is None and inj.gate_mask is None and inj.fuse_mask is None and inj.blocks is not None
+               and inj.gate_mask is None and inj.fuse_mask is None and inj.blocks is not None
                and all(w is not None for w, _ in inj.blocks.stacked[3:]) and z.dtype == inj.x_fuse.dtype
                and not torch.is_autocast_enabled(z.device.type))
     return Tape() if applies else None
@@ -77,6 +79,9 @@ class FusedVJP:
         fuse = fm.fusion
         self.u_fuse, (self.xh_fuse, self.r_fuse) = tape.relus[-1], tape.norms[-1]
         self.gates, self.z_fuse = tape.gates, z.detach().view(b, N + 1, d)[:, N]
+        # with a modality mask: [b, N, 1] present (as the state's dtype) and each row's count of present ones [b, 1]
+        self.present = None if inj.present is None else inj.present[:, :, None].to(z.dtype)
+        self.count = None if inj.present is None else self.present.sum(1)
         self.w_fuse, self.W_f = fuse.gn.weight.detach(), fuse.fuse.weight.detach()
         self.W_a = None if fuse.gate is None else fuse.gate.weight.detach()
         self.shape = (b, N, d)
@@ -90,7 +95,8 @@ class FusedVJP:
         new.acts = [tuple(t.index_select(bdim, rows) for t in acts) for acts in self.acts]
         new.u_fuse, new.xh_fuse, new.r_fuse, new.z_fuse = (t[rows] for t in (self.u_fuse, self.xh_fuse, self.r_fuse,
                                                                               self.z_fuse))
-        new.gates = None if self.gates is None else self.gates[rows]
+        new.gates, new.present, new.count = (None if t is None else t[rows] for t in (self.gates, self.present,
+                                                                                      self.count))
         new.shape, new.work = (rows.numel(), *self.shape[1:]), None
         return new
 
@@ -109,10 +115,13 @@ class FusedVJP:
         else:
             d_p = torch.mm(d_u, self.W_f, out=B)
             torch.mm(torch.mul(d_p, self.z_fuse, out=A), self.W_a, out=d_tot)
-            torch.mul(d_tot, N, out=o[:, N]).addcmul_(d_p, self.gates)
+            torch.mul(d_tot, N if self.count is None else self.count, out=o[:, N]).addcmul_(d_p, self.gates)
+        vb, add = vv[:, :N], d_tot
+        if self.present is not None:      # the cotangent of f_i's output, v_i + d_tot, zero where i is absent
+            vb, add = (vb + d_tot[:, None]).mul_(self.present), None
         if self.batched:
-            _block_back(vv[:, :N].transpose(0, 1), d_tot, o[:, :N].transpose(0, 1), self.acts[0], self.params[0], work)
+            _block_back(vb.transpose(0, 1), add, o[:, :N].transpose(0, 1), self.acts[0], self.params[0], work)
         else:
             for i, (acts, params) in enumerate(zip(self.acts, self.params)):
-                _block_back(vv[:, i], d_tot, o[:, i], acts, params, work)
+                _block_back(vb[:, i], add, o[:, i], acts, params, work)
         return out

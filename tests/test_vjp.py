@@ -26,12 +26,19 @@ def _fast_vjp(m, z, inj):
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("batch", [9, 12])
 @pytest.mark.parametrize("gating", [True, False])
-def test_fused_vjp_equals_autograd_vjp(dim, groups, batched, batch, gating, monkeypatch):
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_vjp_equals_autograd_vjp(dim, groups, batched, batch, gating, masked, monkeypatch):
+    """``masked``: a modality mask (issue 13) with one, two or all three modalities present per row."""
     monkeypatch.setattr(fusion_map, "BATCHED_MAX", 1 << 30 if batched else 0)
     m = perturbed([dim] * 3, dim, groups, gating=gating)
     xs = inputs([dim] * 3, batch=batch)
-    z = torch.randn(batch, m.state_width).requires_grad_()
-    fz, fast = _fast_vjp(m, z, m.inject(xs))
+    present = torch.tensor([[True, False, False], [False, True, True], [True, True, True]]).repeat(batch, 1)[:batch]
+    inj = m.inject(xs, present if masked else None)
+    z = torch.randn(batch, m.state_width)
+    if masked:     # absent modalities' states are held at zero, as the solver holds them
+        z = torch.where(inj.state_mask(dim), z, 0.0)
+    z.requires_grad_()
+    fz, fast = _fast_vjp(m, z, inj)
     assert fast.batched == batched
     v = torch.randn_like(fz)
     expected = torch.autograd.grad(fz, z, v, retain_graph=True)[0]
@@ -71,7 +78,7 @@ def test_fused_vjp_applies_only_where_it_is_f():
         m = DEQFusion([8, 8], 8, **kw)
         assert vjp.tape_for(m, z, m.inject(xs)) is None, kw
     m = DEQFusion([8, 8], 8)
-    assert vjp.tape_for(m, z, m.inject(xs, torch.tensor([[True, False]] * 3))) is None   # a modality mask
+    assert vjp.tape_for(m, z, m.inject(xs, torch.tensor([[True, False]] * 3))) is not None   # a modality mask: yes
     for owners, name in ((m.blocks, "gn2"), ([m.fusion], "gn")):                        # norms without affine
         norms = [getattr(owner, name) for owner in owners]
         for owner in owners:
@@ -94,11 +101,13 @@ def _grads(m, xs):
     return out, torch.cat([g.flatten() for g in grads])
 
 
-@pytest.mark.parametrize("kw", [dict(gating=True), dict(gating=False), dict(gating=False, norm="contractive")])
+@pytest.mark.parametrize("kw", [dict(gating=True), dict(gating=False), dict(gating=False, norm="contractive"),
+                                dict(gating=True, modality_dropout=0.4)])
 def test_implicit_gradient_through_the_fused_vjp_is_autograds(kw, monkeypatch):
     """The same forward, the backward solve with either VJP: the same gradient (float32, solves to 1e-5), with the
     rows still running selected from the hand VJP as the backward compacts them. With the contractive norm (the
-    easy-VQA recipe's f) the VJP reads the forward's normalised weights."""
+    easy-VQA recipe's f) the VJP reads the forward's normalised weights; with modality dropout (the same draws in
+    both forwards) it takes each row's mask."""
     torch.manual_seed(0)
     m = DEQFusion([12, 12, 12], 12, num_groups=4, f_tol=1e-5, f_max_iter=200, b_tol=1e-5, b_max_iter=200,
                   jac_weight=0.0, **kw)
@@ -117,11 +126,13 @@ def test_implicit_gradient_through_the_fused_vjp_is_autograds(kw, monkeypatch):
         return real_select(self, rows)
     monkeypatch.setattr(vjp.FusedVJP, "__call__", spy)
     monkeypatch.setattr(vjp.FusedVJP, "select", spy_select)
+    torch.manual_seed(1)
     out, fused = _grads(m, xs)
     assert calls[0] == out.stats.backward.nstep and selects[0] > 0
     assert out.stats.converged and out.stats.backward.converged
     calls[0] = 0
     monkeypatch.setattr(gradients, "tape_for", lambda *a: None)
+    torch.manual_seed(1)
     out, auto = _grads(twin, xs)
     assert calls[0] == 0 and out.stats.backward.converged
     assert ((fused - auto).norm() / auto.norm()).item() < 1e-4
