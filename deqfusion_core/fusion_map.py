@@ -411,7 +411,7 @@ class FusionMap(nn.Module):
         b, n, d = z.shape[0], self.num_modalities, self.dim
         zz = z.view(b, n + 1, d)
         parts = zz.unbind(1)
-        direct = self.blocks is not None and self.fusion is not None and inj.present is None and tape is None \
+        direct = self.blocks is not None and self.fusion is not None and tape is None \
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled(z.device.type) \
             and z.dtype == inj.x_fuse.dtype and not torch.compiler.is_compiling()   # out= breaks a compiled graph
         out = torch.empty_like(zz) if direct else None
@@ -420,7 +420,9 @@ class FusionMap(nn.Module):
         else:
             new = self.modality_states(zz, parts, inj, None if out is None else out[:, :n], tape)
             if inj.present is not None:   # an absent modality's f_i is the constant 0
-                if isinstance(new, torch.Tensor):
+                if out is not None:       # in the new state, in place (``new`` views it)
+                    out[:, :n].masked_fill_(~inj.present[:, :, None], 0.0)
+                elif isinstance(new, torch.Tensor):
                     new = torch.where(inj.present.t()[:, :, None], new, 0.0)
                 else:
                     new = [torch.where(c, v, 0.0) for v, c in zip(new, inj.present[:, :, None].unbind(1))]

@@ -240,6 +240,28 @@ def test_gn_backward_is_autograds_vjp_of_the_norm(add, pre, post, R, M):
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("gating", [True, "sigmoid", False])
+def test_kernel_f_with_a_modality_mask_equals_torch_ops(batched, gating, monkeypatch, calls):
+    """A modality mask (issue 13): the kernels compute every block, then the absent modalities' parts of the new
+    state are zeroed in place (exact zeros, as torch.where), and the gate counts each row's present modalities."""
+    monkeypatch.setattr(fusion_map, "BATCHED_MAX", 1 << 30 if batched else 0)
+    m = perturbed([16] * 3, 16, 4, gating=gating)
+    xs = inputs([16] * 3, batch=9)
+    present = torch.tensor([[True, False, False], [False, True, True], [True, True, True]]).repeat(3, 1)
+    z = torch.randn(9, m.state_width)
+    with torch.no_grad():
+        with kernels.torch_ops():
+            plain = m.layer(z, m.inject(xs, present))
+        assert calls[0] == 0
+        got = m.layer(z, m.inject(xs, present))
+    assert calls[0] == (2 if batched else 6) + 1
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+    absent = ~torch.cat([present, present.new_ones(9, 1)], 1)[:, :, None].expand(-1, -1, 16).reshape(9, -1)
+    assert (got[absent] == 0).all() and (got[~absent] != 0).any()
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
 def test_torch_ops_switches_the_kernels_off_within_it(calls):
     from deqfusion_core import vjp
     m = perturbed([8] * 2, 8, 2)
