@@ -79,9 +79,9 @@ class FusedVJP:
         fuse = fm.fusion
         self.u_fuse, (self.xh_fuse, self.r_fuse) = tape.relus[-1], tape.norms[-1]
         self.gates, self.z_fuse = tape.gates, z.detach().view(b, N + 1, d)[:, N]
-        # with a modality mask: [b, N, 1] present (as the state's dtype) and each row's count of present ones [b, 1]
-        self.present = None if inj.present is None else inj.present[:, :, None].to(z.dtype)
-        self.count = None if inj.present is None else self.present.sum(1)
+        # with a modality mask: [b, N, 1] absent and each row's count of present modalities [b, 1] (the state's dtype)
+        self.absent = None if inj.present is None else ~inj.present[:, :, None]
+        self.count = None if inj.present is None else inj.present.sum(1, keepdim=True).to(z.dtype)
         self.w_fuse, self.W_f = fuse.gn.weight.detach(), fuse.fuse.weight.detach()
         self.W_a = None if fuse.gate is None else fuse.gate.weight.detach()
         self.shape = (b, N, d)
@@ -95,8 +95,8 @@ class FusedVJP:
         new.acts = [tuple(t.index_select(bdim, rows) for t in acts) for acts in self.acts]
         new.u_fuse, new.xh_fuse, new.r_fuse, new.z_fuse = (t[rows] for t in (self.u_fuse, self.xh_fuse, self.r_fuse,
                                                                               self.z_fuse))
-        new.gates, new.present, new.count = (None if t is None else t[rows] for t in (self.gates, self.present,
-                                                                                      self.count))
+        new.gates, new.absent, new.count = (None if t is None else t[rows] for t in (self.gates, self.absent,
+                                                                                     self.count))
         new.shape, new.work = (rows.numel(), *self.shape[1:]), None
         return new
 
@@ -117,8 +117,8 @@ class FusedVJP:
             torch.mm(torch.mul(d_p, self.z_fuse, out=A), self.W_a, out=d_tot)
             torch.mul(d_tot, N if self.count is None else self.count, out=o[:, N]).addcmul_(d_p, self.gates)
         vb, add = vv[:, :N], d_tot
-        if self.present is not None:      # the cotangent of f_i's output, v_i + d_tot, zero where i is absent
-            vb, add = (vb + d_tot[:, None]).mul_(self.present), None
+        if self.absent is not None:      # the cotangent of f_i's output, v_i + d_tot, zero where i is absent
+            vb, add = (vb + d_tot[:, None]).masked_fill_(self.absent, 0.0), None
         if self.batched:
             _block_back(vb.transpose(0, 1), add, o[:, :N].transpose(0, 1), self.acts[0], self.params[0], work)
         else:
