@@ -23,6 +23,18 @@ from .module import DEQFusion
 from .vjp import FusedVJP, tape_for
 
 SMALL = dict(batch=64, modalities=6, dim=64)
+# what the bench sets itself in each measurement, so not a fusion option it takes (``deqfusion bench -o``)
+BENCH_SETS = ("f_tol", "b_tol", "f_max_iter", "b_max_iter", "jac_weight", "jac_samples")
+
+
+def check_options(options: dict) -> dict:
+    """The fusion options a bench run takes (``-o KEY=VALUE``: solver, norm, gating, ...), or ValueError naming one
+    that the bench sets itself."""
+    for key in options:
+        if key in BENCH_SETS:
+            raise ValueError(f"-o {key}: the bench sets the tolerances, caps and Jacobian term itself "
+                             f"({', '.join(BENCH_SETS)}); give the other DEQFusion options")
+    return dict(options)
 
 
 # the check that ends the warm-up: the tightest forward tolerance and the iteration cap `deqfusion bench` solves with
@@ -47,7 +59,7 @@ def forward_converges(fusion: DEQFusion, xs, tol: float = CHECK_TOL, max_iter: i
 
 
 def contractive_problem(batch=612, input_dims=(500, 500, 500), dim=500, classes=5, warmup_steps=10,
-                        jac_weight=100.0, device="cpu", seed=0, max_warmup_steps=100) -> Problem:
+                        jac_weight=100.0, device="cpu", seed=0, max_warmup_steps=100, **fusion_options) -> Problem:
     """A DEQFusion at the given shapes whose f was made contractive by Jacobian-regularised training steps
     (weight 100, the reference BRCA code's default), with fixed inputs, a frozen linear head and labels.
 
@@ -57,10 +69,11 @@ def contractive_problem(batch=612, input_dims=(500, 500, 500), dim=500, classes=
     shapes (seeds 0 and 1); at batch 64 and width 64 some rows' f stays non-contractive after ten (spectral radius
     up to 1.5 at their fixed point) and the regulariser's Hutchinson estimate does not improve every step, so a
     fixed count either over-trains the large problem or leaves the small one unsolved. The steps run torch ops and
-    autograd only (``kernels.torch_ops``), so the problem is the same whatever the CPU kernels' rounding."""
+    autograd only (``kernels.torch_ops``), so the problem is the same whatever the CPU kernels' rounding.
+    ``fusion_options``: other DEQFusion options (:func:`check_options`; default 4 groups)."""
     torch.manual_seed(seed)
-    fusion = DEQFusion(list(input_dims), dim, num_groups=4, jac_samples=2, f_max_iter=30, b_max_iter=30,
-                       jac_weight=jac_weight).to(device)
+    fusion = DEQFusion(list(input_dims), dim, **{"num_groups": 4, **check_options(fusion_options)}, jac_samples=2,
+                       f_max_iter=30, b_max_iter=30, jac_weight=jac_weight).to(device)
     xs = [torch.randn(batch, d, device=device) for d in input_dims]
     head = torch.nn.Linear(dim, classes).to(device)
     labels = torch.randint(0, classes, (batch,), device=device)
@@ -108,8 +121,8 @@ def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: i
     0, no Jacobian term), against f's own 2N+2 matrix products [batch, dim] x [dim, dim] (the VJP's are as
     many). Each repeat times them one after the other, so load changes them alike; medians in seconds."""
     torch.manual_seed(seed)
-    m = DEQFusion([dim] * modalities, dim, num_groups=4, f_max_iter=steps, b_max_iter=steps, f_tol=1e-300,
-                  b_tol=1e-300, jac_samples=0, jac_weight=0.0, **fusion_options).to(device)
+    m = DEQFusion([dim] * modalities, dim, **{"num_groups": 4, **check_options(fusion_options)}, f_max_iter=steps,
+                  b_max_iter=steps, f_tol=1e-300, b_tol=1e-300, jac_samples=0, jac_weight=0.0).to(device)
     xs = [torch.randn(batch, dim, device=device) for _ in range(modalities)]
     head = torch.nn.Linear(dim, 5).to(device)
     labels = torch.randint(0, 5, (batch,), device=device)
@@ -185,14 +198,20 @@ def fmt_cost(r: dict) -> str:
 
 def main(args) -> int:
     dims = list(args.dims)
-    report = {"machine": machine(), "cost": {}}
-    print(f"{report['machine']}")
+    try:
+        options = check_options(dict(getattr(args, "fusion_option", None) or []))
+    except ValueError as e:
+        raise SystemExit(f"deqfusion bench: {e}") from None
+    report = {"machine": machine(), "fusion_options": options, "cost": {}}
+    print(f"{report['machine']}" + (f"\nfusion options: {options}" if options else ""))
     regimes = {"given": dict(batch=args.batch, modalities=len(dims), dim=args.dim), "small": SMALL}
     for name, shape in regimes.items():
-        r = f_cost(**shape, repeats=args.repeats, device=args.device, compile_f=getattr(args, "compile_f", None))
+        r = f_cost(**shape, repeats=args.repeats, device=args.device, compile_f=getattr(args, "compile_f", None),
+                   **options)
         report["cost"][name] = r
         print(f"{name}: {fmt_cost(r)}", flush=True)
-    fusion, xs, head, labels, warmup, converged = contractive_problem(args.batch, dims, args.dim, device=args.device)
+    fusion, xs, head, labels, warmup, converged = contractive_problem(args.batch, dims, args.dim, device=args.device,
+                                                                      **options)
     print(f"\nsolves: DEQFusion input_dims={dims} dim={args.dim} batch={args.batch} on {args.device}, "
           f"after {warmup} Jacobian-regularised steps" + ("" if converged else
           f" (its forward solve still does not reach {CHECK_TOL:g} within {CHECK_MAX_ITER} steps: f is not contractive "

@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile-f", metavar="MODE", help="time f torch.compile'd with this mode (DEQFusion's compile_f)")
+    p.add_argument("-o", "--fusion-option", action="append", type=parse_fusion_option, metavar="KEY=VALUE",
+                   help="a DEQFusion option of the f to time, e.g. -o norm=contractive -o gating=False (repeatable; "
+                        "not the tolerances, caps or Jacobian term, which the bench sets)")
     p.add_argument("--json", metavar="PATH", help="also write the figures there as JSON")
     p.set_defaults(func=cmd_bench)
 

@@ -185,6 +185,33 @@ def test_bench_prints_steps_and_times_per_tolerance_of_converged_solves():
     assert all(line.count(", converged (tol") == 2 and "NOT converged" not in line for line in lines), lines
 
 
+def test_bench_times_the_f_of_the_options_given(tmp_path):
+    """`-o` picks the f to time (a recipe's: the contractive norm, no gate); the options the bench sets itself are
+    refused with an error naming them."""
+    out = subprocess.run([sys.executable, "-m", "deqfusion_core", "bench", "--batch", "16", "--dims", "8", "8",
+                          "--dim", "8", "--repeats", "1", "-o", "norm=contractive", "-o", "gating=False", "--json",
+                          str(tmp_path / "b.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["fusion_options"] == {"norm": "contractive", "gating": False}
+    assert "fusion options: {'norm': 'contractive', 'gating': False}" in out.stdout
+    assert report["cost"]["small"]["vjp"] == "hand-derived"
+    bad = subprocess.run([sys.executable, "-m", "deqfusion_core", "bench", "-o", "f_tol=1e-3"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and "deqfusion bench: -o f_tol: the bench sets" in bad.stderr
+
+
+def test_bench_problem_and_cost_build_the_f_of_the_options():
+    from deqfusion_core.bench import contractive_problem, f_cost
+
+    p = contractive_problem(8, (8, 8), 8, warmup_steps=1, max_warmup_steps=1, gating=False, norm="contractive")
+    assert p.fusion.fusion.gate is None and p.fusion.norm == "contractive" and p.fusion.num_groups == 4
+    assert contractive_problem(8, (8, 8), 8, warmup_steps=0, max_warmup_steps=0, num_groups=2).fusion.num_groups == 2
+    for fn in (lambda: contractive_problem(8, (8, 8), 8, b_tol=1e-3), lambda: f_cost(8, 2, 8, jac_weight=1.0)):
+        with pytest.raises(ValueError, match="^-o (b_tol|jac_weight): the bench sets"):
+            fn()
+
+
 def test_bench_says_when_its_problem_does_not_converge():
     """Width 8 in 4 groups (norms over 2 entries): no warm-up makes every row's forward solve converge; bench says so."""
     out = subprocess.run([sys.executable, "-m", "deqfusion_core", "bench", "--batch", "16", "--dims", "8", "12",
