@@ -28,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import copy_weights_to_reference, load_reference, reference_grads, reference_root  # noqa: E402
 
-from deqfusion_core.bench import SMALL, contractive_problem, f_cost, fmt_cost, machine  # noqa: E402
+from deqfusion_core.bench import (CHECK_MAX_ITER, CHECK_TOL, SMALL, contractive_problem, f_cost, fmt_cost,  # noqa: E402
+                                  machine)
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -420,7 +421,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=10, help="Jacobian-regularised steps that make f contractive")
     p.add_argument("--max-warmup-steps", type=int, default=100, help="more steps, one at a time, while the forward "
-                   "solve does not reach 1e-6 within 105 steps (deqfusion_core.bench.contractive_problem)")
+                   f"solve does not reach {CHECK_TOL:g} within {CHECK_MAX_ITER} steps "
+                   "(deqfusion_core.bench.contractive_problem)")
     p.add_argument("--unrolled-steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0, help="the problem's seed (weights, inputs, labels)")
     p.add_argument("--quick", action="store_true", help="small shapes, 2 repeats: a smoke run")
@@ -449,7 +451,8 @@ def main(argv=None):
         R = load_reference()
     ours, xs, head, labels, warmup, converges = build(args)
     report["problem"] = {"warmup_steps": warmup, "forward_converges": converges}
-    print(f"problem: {warmup} Jacobian-regularised steps; forward solve reaches 1e-6 within 105 steps: {converges}")
+    print(f"problem: {warmup} Jacobian-regularised steps; forward solve reaches {CHECK_TOL:g} within {CHECK_MAX_ITER} "
+          f"steps: {converges}")
     parts = (("cost", "cost", lambda: cost(args, report)),
              ("forward", "forward", lambda: forward_solve(args, ours, xs, R, report)),
              ("train", "train_step", lambda: train_steps(args, ours, xs, head, labels, R, report)),
