@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from end_to_end import converged_cell  # noqa: E402 - the one formatter of end_to_end's convergence cell
 BLOCK = re.compile(r"^(<!-- results: (?P<path>\S+)(?: (?P<view>robustness|end_to_end|bench_runs))? -->\n)(?P<body>.*?)"
                    r"^(<!-- /results -->)",
                    re.S | re.M)
@@ -102,26 +104,19 @@ def render_robustness(summary: dict, source: str) -> str:
     return "\n".join(lines + _provenance(summary, source)) + "\n"
 
 
-def _e2e_converged(row: dict) -> str:
-    c = row.get("deq_converged_last_quarter")
-    if c is None:
-        return "not recorded"     # summaries written before the fractions were
-    return " / ".join("–" if c.get(k) is None else f"{c[k]:.0%}" for k in ("forward", "backward"))
-
-
 def render_end_to_end(summary: dict, source: str) -> str:
     """The speed table (``<!-- results: PATH end_to_end -->``, benchmarks/end_to_end.py's summary): per upstream, the
     training step of deq against the upstream's own fusion, the DEQ's share of its step, and peak memory."""
     lines = ["| upstream (data) | baseline fusion | training step deq / baseline | DEQ fusion forward + backward, "
-             "share of the deq step | peak memory deq / baseline | mean DEQ solver steps (training) | training solves "
-             "converged (last quarter): forward / implicit backward |",
+             "share of the deq step | peak memory deq / baseline | mean DEQ solver steps (training) | solves converged: "
+             "training forward / implicit backward (last quarter) / evaluation |",
              "|---|---|---|---|---|---|---|"]
     for name, r in summary.items():
         step = r["step_s"]
         lines.append(f"| {name}: {r['data']} | {r['baseline_fusion']} | {r['step_ratio_deq_over_baseline']:.2f} "
                      f"({step['deq'] * 1e3:.1f} vs {step['baseline'] * 1e3:.1f} ms) | "
                      f"{r['fusion_share_of_deq_step']:.0%} | {r['peak_memory_ratio_deq_over_baseline']:.2f} | "
-                     f"{r['deq_mean_solver_steps']:.1f} | {_e2e_converged(r)} |")
+                     f"{r['deq_mean_solver_steps']:.1f} | {converged_cell(r)} |")
     commits = sorted({r["commit"][:10] for r in summary.values()})
     machines = sorted({r["machine"] for r in summary.values()})
     load = max(max(r["load_avg_1m"]) for r in summary.values())
@@ -175,7 +170,9 @@ def render_bench_runs(runs: list, source: str) -> str:
     loads = [x for r in runs for x in (r["machine"]["load_avg_1m"], r.get("load_avg_1m_end", 0.0))]
     paths = sorted({r["machine"].get("f_solver_steps", "torch ops") for r in runs})
     commits = sorted({str(r["machine"]["commit"])[:10] for r in runs if r["machine"].get("commit")})
-    return "\n".join(lines + ["", f"torch {m['torch']}, {m['threads']} threads on {m['cpus']} CPUs, load average "
+    cpu = sorted({r["machine"]["cpu"] for r in runs if r["machine"].get("cpu")})
+    return "\n".join(lines + ["", f"torch {m['torch']}, {m['threads']} threads on {m['cpus']} CPUs"
+                              + (f" ({'; '.join(cpu)})" if cpu else "") + ", load average "
                               f"{min(loads):.1f}-{max(loads):.1f}; f's solver steps: {'; '.join(paths)}; "
                               + (f"commit {', '.join(commits)}; " if commits else "") + f"from `{source}`."]) + "\n"
 

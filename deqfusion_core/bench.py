@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -178,11 +179,25 @@ def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: i
                 train_backward_s=statistics.median(parts["backward"][-len(parts["step"]):]))
 
 
+def cpu_model() -> str:
+    """The CPU's model name and widest vector unit (/proc/cpuinfo; else the platform's): ratios to matrix products
+    depend on them."""
+    try:
+        info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in
+                                                     Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines())}
+    except OSError:
+        info = {}
+    flags = set(info.get("flags", "").split())
+    simd = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
+    model = info.get("model name") or platform.processor() or platform.machine()
+    return f"{model}, {simd}" if simd else model
+
+
 def machine() -> dict:
-    """Where a timing ran: torch, threads, the load average (timings under load > cores are noisy) and the
-    project's commit (``+dirty`` with uncommitted changes; None outside a git checkout)."""
+    """Where a timing ran: torch, threads, the CPU model, the load average (timings under load > cores are noisy)
+    and the project's commit (``+dirty`` with uncommitted changes; None outside a git checkout)."""
     from .compare.study import project_commit
-    return dict(torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
+    return dict(torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(), cpu=cpu_model(),
                 load_avg_1m=os.getloadavg()[0], f_solver_steps=kernels.status(), commit=project_commit())
 
 
