@@ -310,16 +310,36 @@ def summarise(records: list[dict]) -> dict:
                       "deq_converged_last_quarter": {   # training solves: forward, implicit backward
                           "forward": (deq["solver"] or {}).get("train_converged_fraction_last_quarter"),
                           "backward": (deq["solver"] or {}).get("backward_converged_fraction_last_quarter")},
+                      "deq_eval_solves": _eval_solves(deq["solver"] or {}),
                       "load_avg_1m": [base["load_avg_1m"], deq["load_avg_1m"]], "machine": deq["machine"],
                       "data": deq["data"], "command": deq["command"], "commit": deq["commit"],
                       "deq_fusion_options": deq.get("fusion_options") or {}}
     return rows
 
 
-def _converged(row: dict) -> str:
-    """Forward / implicit backward converged fractions of the deq arm's last-quarter training solves."""
-    c = row.get("deq_converged_last_quarter") or {}
-    return " / ".join("-" if c.get(k) is None else f"{c[k]:.0%}" for k in ("forward", "backward"))
+def _eval_solves(solver: dict) -> dict | None:
+    """The deq arm's evaluation solves: how many converged of how many, the largest relative residual, the tolerance."""
+    n, frac = solver.get("eval_solves"), solver.get("eval_converged_fraction")
+    if not n or frac is None:
+        return None
+    return {"converged": round(frac * n), "solves": n, "max_rel_residual": solver.get("max_rel_residual_eval"),
+            "tol": solver.get("tol"), "max_iter": solver.get("max_iter_eval")}
+
+
+def converged_cell(row: dict) -> str:
+    """The deq arm's solves that converged: the last quarter's training forward / implicit backward solves, then the
+    evaluation solves (a count; the largest residual when one missed). Also the README's (readme_tables.py)."""
+    c = row.get("deq_converged_last_quarter")
+    if c is None:
+        return "not recorded"     # summaries written before the fractions were
+    cell = " / ".join("–" if c.get(k) is None else f"{c[k]:.0%}" for k in ("forward", "backward"))
+    e = row.get("deq_eval_solves")
+    if e is None:
+        return cell + " / –"
+    cell += f" / {e['converged']} of {e['solves']}"
+    if e["converged"] < e["solves"]:
+        cell += f" (residual up to {e['max_rel_residual']:.1e} at the cap of {e['max_iter']}, tol {e['tol']:g})"
+    return cell
 
 
 def write_summary(out: Path, records: list[dict]) -> dict:
@@ -337,8 +357,8 @@ def write_summary(out: Path, records: list[dict]) -> dict:
              "integration's defaults.", "",
              "| upstream | baseline fusion | step baseline | step deq | deq / baseline | fusion fwd + bwd share of the "
              "deq step | deq: encoder fwd / fusion fwd / fusion bwd / other bwd / rest | baseline: encoder fwd / "
-             "other bwd / rest | peak memory deq / baseline | mean solver steps (deq, training) | training solves "
-             "converged (last quarter): forward / implicit backward | load (1 min) |",
+             "other bwd / rest | peak memory deq / baseline | mean solver steps (deq, training) | solves converged: "
+             "training forward / implicit backward (last quarter) / evaluation | load (1 min) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         d, b = r["deq_parts_s"], r["baseline_parts_s"]
@@ -350,7 +370,7 @@ def write_summary(out: Path, records: list[dict]) -> dict:
             + " / ".join(ms(b[k]) for k in ("encoder_forward", "other_backward", "rest")) + " | "
             f"{r['peak_memory_ratio_deq_over_baseline']:.2f} ({r['peak_memory_bytes']['deq'] / 2**20:.0f} / "
             f"{r['peak_memory_bytes']['baseline'] / 2**20:.0f} MiB) | {'-' if steps is None else f'{steps:.1f}'} | "
-            f"{_converged(r)} | {' / '.join(f'{x:.1f}' for x in r['load_avg_1m'])} |")
+            f"{converged_cell(r)} | {' / '.join(f'{x:.1f}' for x in r['load_avg_1m'])} |")
     lines += ["", "Data, commands, machine:", ""]
     for name, r in rows.items():
         opts = r.get("deq_fusion_options")

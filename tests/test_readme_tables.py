@@ -91,4 +91,27 @@ def test_end_to_end_view_shows_forward_and_backward_convergence():
     old = tables.render_end_to_end({"x": row}, "s.json")
     new = tables.render_end_to_end({"x": {**row, "deq_converged_last_quarter": {"forward": 0.96, "backward": 1.0}}},
                                    "s.json")
-    assert "| 9.0 | not recorded |" in old and "| 9.0 | 96% / 100% |" in new
+    assert "| 9.0 | not recorded |" in old and "| 9.0 | 96% / 100% / – |" in new
+
+
+def test_end_to_end_summary_reports_evaluation_solves_that_missed():
+    """end_to_end's summary carries the deq arm's evaluation solves, and both its summary.md and the README view say
+    how many converged and, when one missed, how far from the tolerance (non-convergence is never hidden)."""
+    import end_to_end   # readme_tables put benchmarks/ on the path
+
+    def record(arm, frac):
+        solver = None if arm == "baseline" else {
+            "mean_steps": 12.0, "train_converged_fraction_last_quarter": 1.0, "backward_converged_fraction_last_quarter": 1.0,
+            "eval_solves": 4, "eval_converged_fraction": frac, "max_rel_residual_eval": 0.0235, "tol": 0.01,
+            "max_iter_eval": 400}
+        median = {"step": 0.2 if solver else 0.1, **{k: 0.01 for k in end_to_end.PARTS}}
+        return {"integration": "x", "arm": arm, "fusion": arm, "solver": solver, "load_avg_1m": 0.5, "machine": "m",
+                "timing": {"median_s": median, "median_fusion_share": 0.3, "steps_timed": 5},
+                "memory": {"bytes": 2**20, "kind": "k"}, "data": "d", "command": "c", "commit": "abcdef123456"}
+
+    for frac, cell in ((1.0, "100% / 100% / 4 of 4 |"),
+                       (0.5, "100% / 100% / 2 of 4 (residual up to 2.4e-02 at the cap of 400, tol 0.01) |")):
+        rows = end_to_end.summarise([record("baseline", None), record("deq", frac)])
+        assert rows["x"]["deq_eval_solves"] == {"converged": round(4 * frac), "solves": 4, "max_rel_residual": 0.0235,
+                                                "tol": 0.01, "max_iter": 400}
+        assert cell in tables.render_end_to_end(rows, "s.json")
