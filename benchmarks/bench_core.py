@@ -28,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import copy_weights_to_reference, load_reference, reference_grads, reference_root  # noqa: E402
 
-from deqfusion_core.bench import (CHECK_MAX_ITER, CHECK_TOL, SMALL, contractive_problem, f_cost, fmt_cost,  # noqa: E402
+from deqfusion_core import DEQConvergenceError  # noqa: E402
+from deqfusion_core.bench import (CHECK, SMALL, contractive_problem, f_cost, fmt_cost,  # noqa: E402
                                   machine)
 
 
@@ -194,6 +195,15 @@ def step_row(samples, grad_err, **extra):
                 bwd_fwd_ratio=bw / fw, grad_rel_err=grad_err, **extra)
 
 
+def ours_steps(args, m, xs, head, labels):
+    """``args.repeats`` training steps of ``m``, or the solver's error when a solve diverged (a row of its own:
+    one configuration's divergence is a result, not the end of the run)."""
+    try:
+        return [ours_step(m, xs, head, labels) for _ in range(args.repeats)]
+    except DEQConvergenceError as e:
+        return {"failed": str(e)}
+
+
 def train_steps(args, ours, xs, head, labels, R, report):
     truth, resid = unrolled_ground_truth(ours, xs, head, labels, steps=args.unrolled_steps)
     report["ground_truth"] = dict(steps=args.unrolled_steps, damping=0.5, rel_residual_max=resid)
@@ -204,10 +214,12 @@ def train_steps(args, ours, xs, head, labels, R, report):
             m.solver = m.b_solver = solver
             m.f_tol, m.b_tol = f_tol, b_tol
             m.f_max_iter = m.b_max_iter = 200
-            samples = [ours_step(m, xs, head, labels) for _ in range(args.repeats)]
+            samples, name = ours_steps(args, m, xs, head, labels), f"deqfusion {solver} f {f_tol:g} b {b_tol:g}"
+            if isinstance(samples, dict):
+                rows[name] = samples
+                continue
             st = samples[-1][0].stats
-            rows[f"deqfusion {solver} f {f_tol:g} b {b_tol:g}"] = step_row(
-                samples, rel_err(param_grads(m), truth), f_evals=st.nstep, b_evals=st.backward.nstep)
+            rows[name] = step_row(samples, rel_err(param_grads(m), truth), f_evals=st.nstep, b_evals=st.backward.nstep)
     if R is not None:
         # the reference as released (its defaults: forward abs 1e-3, backward rel 1e-3), and with its solves
         # stopping at our tolerance pairs (its `eps`, relative, over the whole batch)
@@ -232,9 +244,9 @@ def train_steps(args, ours, xs, head, labels, R, report):
         report["skipped"].append(f"torchdeq: {exc}")
     m = copy.deepcopy(ours).train()
     m.backward, m.f_tol, m.f_max_iter = "unrolled", 1e-5, 105
-    samples = [ours_step(m, xs, head, labels) for _ in range(args.repeats)]
-    rows["unrolled autograd to rel 1e-5"] = step_row(samples, rel_err(param_grads(m), truth),
-                                                     f_evals=samples[-1][0].stats.nstep)
+    samples = ours_steps(args, m, xs, head, labels)
+    rows["unrolled autograd to rel 1e-5"] = samples if isinstance(samples, dict) else step_row(
+        samples, rel_err(param_grads(m), truth), f_evals=samples[-1][0].stats.nstep)
     report["train_step"] = rows
 
 
@@ -365,7 +377,7 @@ def summary(report):
     refs = {k: v for k, v in train.items() if k.startswith("reference")}
 
     def fastest(rows, bar):
-        ok = [(v["step_s"], k) for k, v in rows.items() if v["grad_rel_err"] <= bar]
+        ok = [(v["step_s"], k) for k, v in rows.items() if "failed" not in v and v["grad_rel_err"] <= bar]
         return min(ok) if ok else None
 
     for bar in (1e-3, 1e-4):
@@ -376,6 +388,9 @@ def summary(report):
         vs = (f", {theirs[0] / mine[0]:.1f}x faster than the reference's fastest at that error "
               f"({theirs[1]}: {theirs[0]:.2f} s)") if theirs else ""
         out[f"train step at grad error <= {bar:g}"] = f"{mine[0]:.2f} s ({mine[1]}){vs}"
+    for name, row in train.items():
+        if "failed" in row:
+            out[f"failed: {name}"] = row["failed"]
     theirs = fastest(refs, 1e-3)
     for name, row in report.get("warm_start", {}).items():
         err = row.get("grad_rel_err_last_step")
@@ -421,7 +436,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup-steps", type=int, default=10, help="Jacobian-regularised steps that make f contractive")
     p.add_argument("--max-warmup-steps", type=int, default=100, help="more steps, one at a time, while the forward "
-                   f"solve does not reach {CHECK_TOL:g} within {CHECK_MAX_ITER} steps "
+                   f"solve does not {CHECK} "
                    "(deqfusion_core.bench.contractive_problem)")
     p.add_argument("--unrolled-steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0, help="the problem's seed (weights, inputs, labels)")
@@ -451,8 +466,8 @@ def main(argv=None):
         R = load_reference()
     ours, xs, head, labels, warmup, converges = build(args)
     report["problem"] = {"warmup_steps": warmup, "forward_converges": converges}
-    print(f"problem: {warmup} Jacobian-regularised steps; forward solve reaches {CHECK_TOL:g} within {CHECK_MAX_ITER} "
-          f"steps: {converges}")
+    print(f"problem: {warmup} Jacobian-regularised steps; forward solves {CHECK.replace('reach', 'reaching', 1)}: "
+          f"{converges}")
     parts = (("cost", "cost", lambda: cost(args, report)),
              ("forward", "forward", lambda: forward_solve(args, ours, xs, R, report)),
              ("train", "train_step", lambda: train_steps(args, ours, xs, head, labels, R, report)),

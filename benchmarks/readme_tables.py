@@ -126,7 +126,8 @@ def render_end_to_end(summary: dict, source: str) -> str:
 
 def _fastest(steps: dict, prefix: str, bar: float):
     """(name, step seconds) of the fastest ``prefix`` configuration whose gradient error is <= ``bar``, or None."""
-    ok = [(r["step_s"], name) for name, r in steps.items() if name.startswith(prefix) and r["grad_rel_err"] <= bar]
+    ok = [(r["step_s"], name) for name, r in steps.items()
+          if name.startswith(prefix) and "failed" not in r and r["grad_rel_err"] <= bar]
     return min(ok)[::-1] if ok else None
 
 
@@ -147,7 +148,8 @@ def render_bench_runs(runs: list, source: str) -> str:
     for r in runs:
         big, small, steps = r["cost"]["large"], r["cost"]["small"], r["train_step"]
         ours, ref = _fastest(steps, "deqfusion", 1e-3), _fastest(steps, "reference", 1e-3)
-        low = {side: min((v["grad_rel_err"] for k, v in steps.items() if k.startswith(side)), default=None)
+        low = {side: min((v["grad_rel_err"] for k, v in steps.items() if k.startswith(side) and "failed" not in v),
+                         default=None)
                for side in ("deqfusion", "reference")}
         both = None if None in low.values() else max(low.values())
         at = both and (_fastest(steps, "deqfusion", both), _fastest(steps, "reference", both))

@@ -629,15 +629,64 @@ def test_norm_options_belong_to_the_norm_of_their_layer():
 def test_bench_problem_warms_up_until_its_forward_solve_converges():
     """contractive_problem (bench and benchmarks/bench_core.py): ten Jacobian-regularised steps leave f
     non-contractive at some rows of the 3 x 64, batch 64 problem (seed 0); the warm-up goes on until the
-    fusion's forward solve reaches 1e-6 within 105 steps, checked here through the module's own forward."""
-    from deqfusion_core.bench import contractive_problem, forward_converges
+    fusion's forward solve reaches 1e-6 within 105 steps and plain fixed-point iteration within 200 (bench_core's
+    fixed-point configurations and ground truth iterate f itself: where only Anderson converged, they diverged),
+    checked here through the module's own forward with each solver."""
+    from deqfusion_core.bench import contractive_problem, forward_converges, problem_converges
 
     fixed = contractive_problem(64, (64, 64, 64), 64, seed=0, max_warmup_steps=10)
     assert fixed.warmup_steps == 10 and fixed.converged is None
-    assert not forward_converges(fixed.fusion, fixed.xs)
+    assert not forward_converges(fixed.fusion, fixed.xs) and not problem_converges(fixed.fusion, fixed.xs)
     p = contractive_problem(64, (64, 64, 64), 64, seed=0)
     assert p.converged and 10 < p.warmup_steps < 100
-    p.fusion.f_tol, p.fusion.f_max_iter = 1e-6, 105
-    with torch.no_grad():
-        stats = p.fusion(p.xs).stats
-    assert stats.converged and stats.rel_residuals.max() <= 1e-6 and stats.nstep < 105
+    for solver, cap in (("anderson", 105), ("fixed_point", 200)):
+        p.fusion.solver, p.fusion.f_tol, p.fusion.f_max_iter = solver, 1e-6, cap
+        with torch.no_grad():
+            stats = p.fusion(p.xs).stats
+        assert stats.converged and stats.rel_residuals.max() <= 1e-6 and stats.nstep < cap, solver
+
+
+def test_bench_problem_check_asks_plain_iteration_too():
+    """Anderson converges at rows where f does not contract and iterating f diverges: the warm-up's check asks
+    both. A planted f (one row scaled by 3 about its fixed point) passes the Anderson check and fails the other."""
+    from deqfusion_core import bench
+
+    p = bench.contractive_problem(16, (8, 8), 8, seed=0, warmup_steps=0, max_warmup_steps=0, num_groups=2)
+    layer = p.fusion.layer
+
+    def expanding(z, inj, *a, **k):   # f(z) = z* + 3 (z - z*) on row 0 (z* = 1): a fixed point Anderson finds
+        out = layer(z, inj, *a, **k).clone()
+        out[0] = 1 + 3 * (z[0] - 1)
+        return out
+
+    p.fusion.layer = expanding
+    assert bench.forward_converges(p.fusion, p.xs, max_iter=200)
+    assert not bench.forward_converges(p.fusion, p.xs, max_iter=200, solver="fixed_point")
+    assert not bench.problem_converges(p.fusion, p.xs)
+
+
+def test_bench_core_records_a_diverging_configuration_and_goes_on():
+    """benchmarks/bench_core.py: a configuration whose solve diverges (DEQConvergenceError) becomes a row saying so;
+    the summary names it and picks the fastest among the others (before, the first divergence ended the run)."""
+    import importlib.util
+    import types
+    from pathlib import Path
+
+    from deqfusion_core.bench import contractive_problem
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_core.py"
+    spec = importlib.util.spec_from_file_location("bench_core", path)
+    bench_core = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_core)
+    p = contractive_problem(16, (8, 8), 8, seed=0, warmup_steps=0, max_warmup_steps=0, num_groups=2)
+    layer = p.fusion.layer
+    p.fusion.layer = lambda z, inj, *a, **k: 1 + 3 * (layer(z, inj, *a, **k) * 0 + z - 1)   # iterating it diverges
+    p.fusion.solver, p.fusion.f_max_iter, p.fusion.f_tol = "fixed_point", 200, 1e-6
+    row = bench_core.ours_steps(types.SimpleNamespace(repeats=2), p.fusion, p.xs, p.head, p.labels)
+    assert set(row) == {"failed"} and "non-finite residual" in row["failed"]
+    ok = {"step_s": 1.0, "grad_rel_err": 1e-4}
+    out = bench_core.summary({"train_step": {"deqfusion fixed_point f 1e-06 b 1e-05": row,
+                                             "deqfusion anderson f 1e-06 b 1e-05": ok,
+                                             "reference f 1e-06 b 1e-05": {**ok, "step_s": 5.0}}})
+    assert out["failed: deqfusion fixed_point f 1e-06 b 1e-05"] == row["failed"]
+    assert "5.0x faster" in out["train step at grad error <= 0.001"]
