@@ -30,7 +30,7 @@ mkdir -p "$dst/wheels" "$dst/upstreams"
 # wheels for the device's interpreter (lmdb has a compiled part), pure-Python ones for any
 "${pip[@]}" --only-binary=:all: --python-version "$pyv" --implementation cp --abi "$abi" --platform manylinux2014_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform any \
-  easy-vqa==1.0 omegaconf==2.4.0 lmdb==3.0.0 torchdeq==0.1.0 wcwidth 2> >(grep -v '^WARNING' >&2)
+  easy-vqa==1.0 omegaconf==2.4.0 lmdb==3.0.0 torchdeq==0.1.0 wcwidth==0.9.4 2> >(grep -v '^WARNING' >&2)
 "${pip[@]}" --no-binary=:all: mmf==1.0.0rc10 demjson3==3.0.6 2> >(grep -v '^WARNING' >&2)
 mcan=../shared/upstreams/mcan-vqa
 [ -d "$mcan" ] && cp -r "$mcan" "$dst/upstreams/mcan-vqa" && rm -rf "$dst/upstreams/mcan-vqa/.git"
