@@ -2,6 +2,7 @@
 `deqfusion run mmf` and through plain `mmf_run ... env.user_dir=...`, with `fusion: deq` and MMF's built-in
 `linear_sum`, on easy-VQA (data shipped in the `easy-vqa` package)."""
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -85,6 +86,32 @@ def test_deqfusion_run_mmf_with_deq(tmp_path):
     assert re.search(r"deq solver \(update 2\): 2 solves, mean steps [0-9.]+/6, max rel residual", logs)
     assert re.search(r"deq solver \(evaluation\)", logs)
     assert_checkpoint_reloads(save, "deq", FUSE_WEIGHT)
+
+
+def test_main_job_prints_and_writes_its_result(tmp_path):
+    """`deqfusion mmf-demo` (the README's main job) for 6 updates on a slice of easy-VQA: exit 0; the validation
+    accuracy and the solver's lines printed; result.json with the accuracy, the solves' convergence and where the
+    figure came from (the commit, the CPU); the convergence plot (the paper's Fig. 4). An unknown --fusion exits 2
+    naming it (it raised UnboundLocalError before: the function's later rebinding of ``print`` shadowed it)."""
+    cmd = [str(BIN / "deqfusion"), "mmf-demo", "--max-updates", "6", "--out", str(tmp_path), *TINY[2:]]
+    proc = subprocess.run([c.replace("max_updates=4", "max_updates=6") for c in cmd], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"== easy-VQA, fusion deq: validation accuracy [0-9.]+ \(32 questions", proc.stdout), proc.stdout
+    assert re.search(r"== DEQ solver on validation: mean steps [0-9.]+/\d+, .* converged \d+/\d+ batches",
+                     proc.stdout), proc.stdout
+    result = json.loads((tmp_path / "deq" / "result.json").read_text())
+    assert 0 <= result["val_accuracy"] <= 1 and result["val_samples"] == 32 and result["fusion"] == "deq"
+    solver = result["solver"]
+    assert solver["batches"] == 2 and 0 <= solver["converged_batches"] <= 2 and solver["samples"] == 32
+    assert solver["max_rel_residual"] >= 0 and solver["mean_steps"] >= 1
+    assert result["machine"]["commit"] and result["machine"]["cpu"] and result["machine"]["torch"]
+    assert (tmp_path / "deq" / "convergence.png").stat().st_size > 1000
+    for name in ("nope", "common"):     # common: the settings the packaged configs include, not a fusion
+        bad = subprocess.run([str(BIN / "deqfusion"), "mmf-demo", "--fusion", name, "--out", str(tmp_path)],
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2, bad.stderr
+        assert f"--fusion: no packaged config for {name!r}; known: deq, linear_sum" in bad.stderr, bad.stderr
 
 
 def test_plain_mmf_run_with_user_dir_and_builtin_fusion(tmp_path):

@@ -36,6 +36,8 @@ def evaluate(model, dataset, batch_size: int = 64):
 
 
 def main(args) -> int:
+    # MMF's logger (training.stdout_capture) takes over sys.stdout: progress and results go to the real one
+    print = functools.partial(builtins.print, file=sys.__stdout__, flush=True)  # noqa: A001
     from . import register
 
     options = dict(getattr(args, "fusion_option", None) or [])
@@ -47,9 +49,11 @@ def main(args) -> int:
     from .model import FusionClassifier
 
     config = CONFIG_DIR / "experiments" / f"easy_vqa_{args.fusion}.yaml"
-    if not config.is_file():
-        known = sorted(p.stem.removeprefix("easy_vqa_") for p in config.parent.glob("easy_vqa_*.yaml"))
-        print(f"deqfusion mmf-demo: --fusion: no packaged config for {args.fusion!r}; known: {', '.join(known)}")
+    if not config.is_file() or args.fusion == "common":   # easy_vqa_common.yaml: the settings the others include
+        known = sorted(p.stem.removeprefix("easy_vqa_") for p in config.parent.glob("easy_vqa_*.yaml")
+                       if p.stem != "easy_vqa_common")
+        print(f"deqfusion mmf-demo: --fusion: no packaged config for {args.fusion!r}; known: {', '.join(known)}",
+              file=sys.stderr)
         return 2
     out = Path(args.out).resolve() / args.fusion
     opts = [f"config={config}", "model=fusion_classifier", "dataset=easy_vqa", f"env.save_dir={out / 'save'}"]
@@ -58,8 +62,6 @@ def main(args) -> int:
     # Tiny ops: two threads were no faster than one on 2 idle cores, and spin-waited for minutes on busy ones.
     torch.set_num_threads(max(1, int(args.threads)))
     t0 = time.time()
-    # MMF's logger (training.stdout_capture) takes over sys.stdout: progress and results go to the real one
-    print = functools.partial(builtins.print, file=sys.__stdout__, flush=True)  # noqa: A001
     print(f"== training fusion {args.fusion} in MMF ({config.name}); MMF's full log: {out / 'save' / 'train.log'}")
     from deqfusion_core.compare.record import SolverRecorder
 
@@ -67,12 +69,15 @@ def main(args) -> int:
         run(opts=opts + list(args.mmf_opts))
     model = FusionClassifier.last_built() if FusionClassifier.last_built else None
     if model is None:
-        print("deqfusion mmf-demo: MMF did not build the model")
+        print("deqfusion mmf-demo: MMF did not build the model", file=sys.stderr)
         return 1
     val = EasyVQABuilder().load(registry.get("config").dataset_config.easy_vqa, "val")
     acc, stats = evaluate(model, val, int(registry.get("config").training.batch_size))
+    from deqfusion_core.bench import machine
+
     result = {"command": "deqfusion " + " ".join(sys.argv[1:]), "fusion": args.fusion, "fusion_options": options,
-              "val_accuracy": acc, "val_samples": len(val), "train_seconds": round(time.time() - t0, 1)}
+              "val_accuracy": acc, "val_samples": len(val), "train_seconds": round(time.time() - t0, 1),
+              "machine": machine()}     # torch, threads, CPU, load, the commit: where this figure came from
     print(f"\n== easy-VQA, fusion {args.fusion}: validation accuracy {acc:.4f} ({len(val)} questions, "
           f"best checkpoint), {result['train_seconds']} s")
     if stats:
