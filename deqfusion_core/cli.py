@@ -153,6 +153,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (a batch, a width, a step count), else an error naming the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
 def add_fusion_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fusion options (defaults: DEQFusion's)")
     g.add_argument("--solver", choices=None, help="forward solver: anderson, broyden, fixed_point")
@@ -186,18 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="train DEQ fusion on generated multimodal data on the CPU and print solver statistics")
-    p.add_argument("--steps", type=int, default=160)
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=positive_int, default=160)
+    p.add_argument("--batch", type=positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="folder for the convergence and gate plots")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="time f, its VJP, a training step (at given and small shapes) and the solves "
                                      "(see benchmarks/ for comparisons)")
-    p.add_argument("--batch", type=int, default=612)
-    p.add_argument("--dims", type=int, nargs="+", default=[1000, 1000, 503])
-    p.add_argument("--dim", type=int, default=500)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=positive_int, default=612)
+    p.add_argument("--dims", type=positive_int, nargs="+", default=[1000, 1000, 503])
+    p.add_argument("--dim", type=positive_int, default=500)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile-f", metavar="MODE", help="time f torch.compile'd with this mode (DEQFusion's compile_f)")
     p.add_argument("-o", "--fusion-option", action="append", type=parse_fusion_option, metavar="KEY=VALUE",

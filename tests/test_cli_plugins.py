@@ -230,3 +230,18 @@ def test_bench_machine_names_the_commit():
         pytest.skip("not a git checkout: machine() reports commit None")
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert machine()["commit"].split("+")[0] == head
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--batch", "0"], "argument --batch: expected an int >= 1, got '0'"),
+    (["bench", "--dims", "8", "x"], "argument --dims: expected an int >= 1, got 'x'"),
+    (["bench", "--dim", "-3"], "argument --dim: expected an int >= 1, got '-3'"),
+    (["demo", "--steps", "-1"], "argument --steps: expected an int >= 1, got '-1'"),
+    (["bench", "-o", "nope=1"], "deqfusion bench: -o nope: not a DEQFusion option; it takes "),
+])
+def test_bench_and_demo_name_the_bad_argument(argv, message):
+    """A non-positive size or an unknown -o key is a one-line error naming it (before: a reshape RuntimeError, a
+    TypeError from DEQFusion, or for demo --steps -1 a run that trained nothing)."""
+    out = subprocess.run([sys.executable, "-m", "deqfusion_core", *argv], capture_output=True, text=True, timeout=300)
+    assert out.returncode in (1, 2) and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
