@@ -392,6 +392,9 @@ class DEQFusion(FusionMap):
             if x.device != param.device:
                 raise TypeError(f"xs[{i}]: on {x.device}, but DEQFusion's parameters are on {param.device}")
             if ref is None:
+                if x.shape[0] == 0:   # nothing to solve, and every statistic of the solve would be of no sample
+                    raise ValueError(f"xs[{i}]: empty batch (shape {list(x.shape)}): DEQFusion needs at least one "
+                                     "sample")
                 ref, first = x, i
                 continue
             if x.shape[0] != ref.shape[0]:

@@ -74,6 +74,13 @@ def test_batch_mismatch():
         fusion()(xs)
 
 
+def test_empty_batch_names_the_input():
+    """A batch of no samples is refused naming the input (it was a reshape RuntimeError from inside the solver)."""
+    xs = [x[:0] for x in inputs(DIMS)]
+    with pytest.raises(ValueError, match=r"xs\[0\]: empty batch \(shape \[0, \d+\]\): DEQFusion needs at least one"):
+        fusion()(xs)
+
+
 def test_dtype_mix_and_integer_inputs():
     xs = inputs(DIMS)
     xs[1] = xs[1].double()
