@@ -21,8 +21,9 @@
 #    MMF, a few hundred steps each (benchmarks/end_to_end.py).
 # Without CUDA every CUDA part is skipped and says so (skipped.json); --quick (for a CPU machine: checks this
 # script) runs parts 3 and 4 on the CPU at smoke sizes instead. Each part runs under its own time limit; a part that
-# fails is recorded (status.json) and the next one still runs. --pack: the device tool brings back at most 8 files
-# from $OUT, so OUT_DIR gets status.json, env.json, skipped.json and device_check.tar.gz (every file written).
+# fails is recorded (status.json) and the next one still runs; on CUDA the limits add up to 470 s. --pack: the
+# device tool brings back at most 8 files from $OUT, so OUT_DIR gets status.json (after every part), env.json,
+# skipped.json and device_check.tar.gz (every file written).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=0
@@ -62,6 +63,7 @@ d = json.load(open(path))
 d[part] = {"status": state, "seconds": int(secs), **({"note": note[0]} if note else {})}
 json.dump(d, open(path, "w"), indent=1)
 EOF
+  [ "$final" = "$out" ] || cp "$status" "$final/"   # --pack: the outcomes so far come back even if the call is cut
 }
 
 part() {     # part NAME LIMIT_S COMMAND...: run with a time limit, record the outcome
@@ -113,7 +115,7 @@ record environment ok $(( $(date +%s) - start )) "python: $py"
 skipped=()
 # -- 2. CUDA tests ----------------------------------------------------------------------------------------------------
 if [ "$cuda" = 1 ]; then
-  part cuda_tests 120 "$py" -m pytest tests/test_cuda.py tests/test_fusion.py -k cuda -q -rs --junitxml "$out/cuda_tests.xml"
+  part cuda_tests 90 "$py" -m pytest tests/test_cuda.py tests/test_fusion.py -k cuda -q -rs --junitxml "$out/cuda_tests.xml"
 else
   skipped+=("cuda_tests: no CUDA device (tests/test_cuda.py skips each test with its reason)")
   part cpu_logic_tests 120 "$py" -m pytest tests/test_cuda.py -q -rs --junitxml "$out/cpu_logic_tests.xml"
@@ -121,10 +123,10 @@ fi
 
 # -- 3. core benchmark ------------------------------------------------------------------------------------------------
 if [ "$cuda" = 1 ]; then
-  part bench_brca 150 "$py" benchmarks/bench_core.py --device cuda --shape brca --repeats 3 --skip warm \
+  part bench_brca 120 "$py" benchmarks/bench_core.py --device cuda --shape brca --repeats 3 --skip warm \
     --out "$out/bench_core_cuda_brca.json"
   for shape in mmimdb vqa; do
-    part "bench_$shape" 45 "$py" benchmarks/bench_core.py --device cuda --shape "$shape" --repeats 3 \
+    part "bench_$shape" 40 "$py" benchmarks/bench_core.py --device cuda --shape "$shape" --repeats 3 \
       --skip warm memory --out "$out/bench_core_cuda_$shape.json"
   done
 elif [ "$quick" = 1 ]; then
@@ -136,7 +138,7 @@ fi
 
 # -- 4. upstream training ---------------------------------------------------------------------------------------------
 if [ "$cuda" = 1 ]; then
-  part train_upstreams 240 "$py" benchmarks/end_to_end.py mcan mmf --steps 300 --threads 8 --out "$out/end_to_end"
+  part train_upstreams 180 "$py" benchmarks/end_to_end.py mcan mmf --steps 300 --threads 8 --out "$out/end_to_end"
 elif [ "$quick" = 1 ]; then
   skipped+=("upstream training on CUDA: no CUDA device (--quick: the same upstreams on the CPU, 7 steps, instead)")
   part train_quick_cpu 300 "$py" benchmarks/end_to_end.py mcan mmf --steps 7 --threads 1 --out "$out/end_to_end"
