@@ -89,7 +89,9 @@ elif "$py" -c "import torch" 2> /dev/null; then
   pipi=("$py" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-build-isolation --target "$site")
   {
     if [ -d .device/wheels ]; then   # READTHEDOCS: MMF's setup.py then skips its C extension (PHOC, unused here)
-      READTHEDOCS=1 "${pipi[@]}" --find-links .device/wheels mmf demjson3 easy-vqa omegaconf lmdb torchdeq wcwidth
+      for pkg in mmf demjson3 easy-vqa omegaconf lmdb torchdeq wcwidth; do   # one by one: a miss costs only itself
+        READTHEDOCS=1 "${pipi[@]}" --find-links .device/wheels "$pkg" || echo "not installed: $pkg"
+      done
     else
       echo "no .device/wheels (benchmarks/device_bundle.sh): MMF and TorchDEQ are not installed"
     fi
