@@ -209,11 +209,7 @@ def f_cost(batch: int, modalities: int, dim: int, *, steps: int = 30, repeats: i
 def cpu_model() -> str:
     """The CPU's model name and widest vector unit (/proc/cpuinfo; else the platform's): ratios to matrix products
     depend on them."""
-    try:
-        info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in
-                                                     Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines())}
-    except OSError:
-        info = {}
+    info = kernels.cpu_info()
     flags = set(info.get("flags", "").split())
     simd = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), None)
     model = info.get("model name") or platform.processor() or platform.machine()

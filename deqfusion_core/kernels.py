@@ -35,11 +35,17 @@ _STATE: dict = {}     # "lib": the loaded library or None, "why": the reason whe
 _OFF = [0]            # torch_ops() nesting depth
 
 
-def _cpu_id() -> str:
+def cpu_info() -> dict:
+    """The first processor's entries of /proc/cpuinfo ({} where there is none): its model name and flags."""
     try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.processor()
+        block = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines())}
+
+
+def _cpu_id() -> str:
+    return cpu_info().get("flags") or platform.processor()
 
 
 def _build() -> ctypes.CDLL:
