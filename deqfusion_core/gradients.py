@@ -163,7 +163,7 @@ class _ImplicitGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         res = ctx.backward.solve(ctx.fz, ctx.z, grad)
-        ctx.report.result = res
+        ctx.report.done(res)
         return res.z, None, None, None
 
 

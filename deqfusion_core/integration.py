@@ -229,9 +229,15 @@ class NonConvergence:
     def __init__(self, what: str, every: int = 50, hint: str = ""):
         self.what, self.every, self.hint, self.count, self.backward_count = what, every, hint, 0, 0
 
-    def check_backward(self, stats) -> None:
-        """The implicit backward's solve of the forward of ``stats`` (checked at the next forward: it runs later)."""
-        b = None if stats is None else stats.backward
+    def watch_backward(self, stats) -> None:
+        """Check the implicit backward's solve of the forward of ``stats`` when it runs (every one, the last
+        training step's and each of several forwards before one backward included)."""
+        if stats.backward_report is not None:
+            stats.backward_report.listeners.append(self.check_backward)
+
+    def check_backward(self, report) -> None:
+        """An implicit backward's solve that has run (its :class:`~deqfusion_core.stats.BackwardReport`)."""
+        b = report.stats
         if b is None or b.converged:
             return
         self.backward_count += 1
@@ -280,10 +286,10 @@ class FusionAdapter(nn.Module):
     def fuse(self, xs: Sequence[torch.Tensor], **solve: Any) -> torch.Tensor:
         """The fused state [B, dim] of ``xs``; ``solve``: DEQFusion.forward's ``z0``/``warm_start``."""
         xs = list(xs)
-        self.nonconvergence.check_backward(self.last_stats)   # the previous forward's backward has run by now
         fused, jac_loss, stats = self.deq(xs, **solve)
         self.last_stats, self.last_jac_loss = stats, jac_loss
         self.nonconvergence.check(stats)
+        self.nonconvergence.watch_backward(stats)
         if self.jacobian == "attach":
             fused = attach_aux_loss(fused, jac_loss, self.current_jac_weight * self.jacobian_scale(xs))
         return fused

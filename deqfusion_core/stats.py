@@ -34,15 +34,22 @@ class SolveResult:
 class BackwardReport:
     """Where a solve that runs after forward returned (the implicit backward's) reports.
 
-    The forward's :class:`SolverStats` holds it and reads it as ``stats.backward``; the backward sets
-    ``result``, the SolveResult its solve returned, when it runs. ``config`` (a
+    The forward's :class:`SolverStats` holds it and reads it as ``stats.backward``; the backward hands it the
+    SolveResult its solve returned (:meth:`done`) when it runs, and ``listeners`` (callables taking this report,
+    e.g. an adapter's non-convergence warning) are called then. ``config`` (a
     :class:`~deqfusion_core.solvers.SolveConfig`) turns that result into statistics.
     """
 
-    __slots__ = ("config", "result", "_stats")
+    __slots__ = ("config", "result", "_stats", "listeners")
 
     def __init__(self, config):
-        self.config, self.result, self._stats = config, None, None
+        self.config, self.result, self._stats, self.listeners = config, None, None, []
+
+    def done(self, result: "SolveResult") -> None:
+        """The backward's solve ended with ``result``: keep it and tell the listeners."""
+        self.result = result
+        for listener in self.listeners:
+            listener(self)
 
     @property
     def stats(self) -> "SolverStats | None":

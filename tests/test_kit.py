@@ -190,7 +190,10 @@ def test_nonconvergence_is_reported_the_first_time_and_then_every_n():
 
 
 @pytest.mark.parametrize("b_max_iter", [1, 60])
-def test_a_backward_that_did_not_converge_is_reported_at_the_next_forward(b_max_iter):
+def test_a_backward_that_did_not_converge_is_reported_when_it_runs(b_max_iter):
+    """Every implicit backward solve is checked as it ends: the last step's too, and each of two forwards whose
+    loss is one backward (gradient accumulation). Checked at the next forward before, only the latest forward's
+    backward was seen: the last step's never, and one of two accumulated ones."""
     from conftest import make_contractive
 
     torch.manual_seed(0)
@@ -202,12 +205,14 @@ def test_a_backward_that_did_not_converge_is_reported_at_the_next_forward(b_max_
         warnings.simplefilter("always")
         for _ in range(3):
             (adapter(x, x) * w).sum().backward()
-        adapter(x, x)
+        after_steps = adapter.nonconvergence.backward_count
+        ((adapter(x, x) + adapter(x, 2 * x)) * w).sum().backward()
     backward = [str(w.message) for w in caught if "implicit backward" in str(w.message)]
     assert adapter.last_stats.converged and all("DEQ fusion did not converge" not in str(w.message) for w in caught)
     if b_max_iter == 60:      # converged: nothing to report
-        assert backward == []
-    else:                     # the first of three non-converged backward solves, seen at the second forward
+        assert backward == [] and adapter.nonconvergence.backward_count == 0
+    else:                     # five non-converged backward solves, the first of them warned
+        assert (after_steps, adapter.nonconvergence.backward_count) == (3, 5)
         assert len(backward) == 1 and backward[0].startswith("Toy DEQ fusion's implicit backward did not converge "
                                                              "(1 backward solves so far)") and "after 1/1 steps" in backward[0]
 

@@ -3,8 +3,8 @@
 A global module forward hook sees each :class:`deqfusion_core.DEQFusion` call and keeps the public fields of
 its statistics, so no integration needs code for it. Convergence is per solve (a solve converged when every
 sample of its batch reached the tolerance), the unit the project's recipes are judged by. The implicit
-backward's solves are recorded too: a training forward's ``BackwardReport`` is kept until its backward ran
-(read at the next forward or at ``summary``), so a truncated backward shows as what it is.
+backward's solves are recorded too, each as it ends (a listener on the training forward's ``BackwardReport``), so a
+truncated backward shows as what it is.
 """
 from __future__ import annotations
 
@@ -24,16 +24,12 @@ class _Solve:
     residual: float     # the batch's largest: relative (forward); the stopping test's measure (backward)
 
 
-_PENDING = 64   # training forwards whose backward has not run yet that are kept (older ones: no backward)
-
-
 @dataclass
 class SolverRecorder:
     solves: list[_Solve] = field(default_factory=list)
     backward_solves: list[_Solve] = field(default_factory=list)   # the implicit backward's, in order run
     backward_tol: float | None = None
     backward_max_iter: int | None = None
-    _pending: list[Any] = field(default_factory=list)             # BackwardReports whose backward has not run
     tol: float | None = None
     max_iter: int | None = None          # the training solves' cap
     max_iter_eval: int | None = None     # the evaluation solves' cap (DEQFusion's f_max_iter_eval)
@@ -58,30 +54,25 @@ class SolverRecorder:
             self._handle = None
 
     def add(self, training: bool, stats) -> None:
-        self._drain()
         self.solves.append(_solve(training, stats, stats.rel_residual))
         if training and stats.backward_report is not None:
-            self._pending = (self._pending + [stats.backward_report])[-_PENDING:]
+            stats.backward_report.listeners.append(self._backward)
         self.tol, self.stop = float(stats.tol), str(stats.stop)
         if training:
             self.max_iter = int(stats.max_iter)
         else:
             self.max_iter_eval = int(stats.max_iter)
 
-    def _drain(self) -> None:
-        """Record the backward solves that ran since the last call (their forwards' order)."""
-        for report in [r for r in self._pending if r.result is not None]:
-            b = report.stats
-            self.backward_solves.append(_solve(True, b, b.rel_residual if b.stop == "rel"
-                                               else float(b.abs_residuals.max())))
-            self.backward_tol, self.backward_max_iter = float(b.tol), int(b.max_iter)
-        self._pending = [r for r in self._pending if r.result is None]
+    def _backward(self, report) -> None:
+        """Record an implicit backward solve that just ended."""
+        b = report.stats
+        self.backward_solves.append(_solve(True, b, b.rel_residual if b.stop == "rel" else float(b.abs_residuals.max())))
+        self.backward_tol, self.backward_max_iter = float(b.tol), int(b.max_iter)
 
     def summary(self) -> dict[str, Any] | None:
         """RESULTS.md's ``solver`` object; None when no DEQ ran. ``mean_steps`` and the training converged
         fraction are over the last quarter of the training solves (where a trained model's recipe shows); so
         are the backward figures (``backward_*``: None when no implicit backward solve ran)."""
-        self._drain()
         back = self.backward_solves[len(self.backward_solves) - max(1, math.ceil(len(self.backward_solves) / 4)):]
         train = [s for s in self.solves if s.training]
         evals = [s for s in self.solves if not s.training]
