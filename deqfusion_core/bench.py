@@ -32,16 +32,13 @@ BENCH_SETS = ("f_tol", "b_tol", "f_max_iter", "b_max_iter", "jac_weight", "jac_s
 def check_options(options: dict) -> dict:
     """The fusion options a bench run takes (``-o KEY=VALUE``: solver, norm, gating, ...), or ValueError naming one
     that the bench sets itself or that DEQFusion does not take."""
-    from .options import deqfusion_keywords
+    from .options import FusionOptions
 
-    keywords = deqfusion_keywords()
     for key in options:
         if key in BENCH_SETS:
             raise ValueError(f"-o {key}: the bench sets the tolerances, caps and Jacobian term itself "
                              f"({', '.join(BENCH_SETS)}); give the other DEQFusion options")
-        if keywords is not None and key not in keywords:
-            raise ValueError(f"-o {key}: not a DEQFusion option; it takes "
-                             f"{', '.join(sorted(keywords - set(BENCH_SETS)))}")
+    FusionOptions(options, where="-o")     # the names DEQFusion takes (OptionError, a ValueError, naming the key)
     return dict(options)
 
 

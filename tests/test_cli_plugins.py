@@ -237,7 +237,7 @@ def test_bench_machine_names_the_commit():
     (["bench", "--dims", "8", "x"], "argument --dims: expected an int >= 1, got 'x'"),
     (["bench", "--dim", "-3"], "argument --dim: expected an int >= 1, got '-3'"),
     (["demo", "--steps", "-1"], "argument --steps: expected an int >= 1, got '-1'"),
-    (["bench", "-o", "nope=1"], "deqfusion bench: -o nope: not a DEQFusion option; it takes "),
+    (["bench", "-o", "nope=1"], "deqfusion bench: -o 'nope': unknown; DEQFusion takes "),
 ])
 def test_bench_and_demo_name_the_bad_argument(argv, message):
     """A non-positive size or an unknown -o key is a one-line error naming it (before: a reshape RuntimeError, a
